@@ -1,0 +1,203 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2): fp32 softmax gate, fine-grained routed experts stored stacked, shared experts,
+and the paper's balance losses.
+
+Shape legend: N tokens, D hidden, E routed experts, K experts per token, I expert intermediate size,
+S = N * K routed slots, G expert groups.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dscoder.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` (the dense layers and the shared experts)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: fp32 logits and softmax, greedy or group-limited top-k, the hub's weight semantics."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.method, self.n_group, self.topk_group = config.topk_method, config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(weights_NK fp32, experts_NK, scores_NE fp32)``."""
+        scores_NE = F.linear(x_ND.float(), self.weight.float()).softmax(dim=-1, dtype=torch.float32)
+        if self.method == "greedy":
+            weights_NK, experts_NK = torch.topk(scores_NE, k=self.top_k, dim=-1, sorted=False)
+        else:  # group_limited_greedy: keep the topk_group groups whose best expert scores highest
+            N = scores_NE.shape[0]
+            group_best_NG = scores_NE.view(N, self.n_group, -1).amax(dim=-1)
+            groups = torch.topk(group_best_NG, k=self.topk_group, dim=-1, sorted=False).indices
+            keep_NG = torch.zeros_like(group_best_NG, dtype=torch.bool).scatter_(1, groups, True)
+            keep_NE = keep_NG[:, :, None].expand(N, self.n_group, self.n_experts // self.n_group).reshape(N, -1)
+            weights_NK, experts_NK = torch.topk(scores_NE.masked_fill(~keep_NE, 0.0), k=self.top_k, dim=-1,
+                                                sorted=False)
+        # The hub's rule: normalize OR scale (transformers 5 always scales; both agree when norm_topk_prob=False).
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights_NK = weights_NK * self.scaling
+        return weights_NK, experts_NK, scores_NE
+
+
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward for this device and dtype (probed once)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # the caller may be under no_grad
+            return _probe_grouped_mm(device_type, dtype)
+    except Exception:
+        return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+    y = torch._grouped_mm(x, w, offs=offs)
+    y.backward(torch.randn_like(y))  # a real (non-expanded) gradient
+    ref = torch.cat([x[:8] @ w[0], x[8:] @ w[1]])
+    return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
+
+
+def _gathered_mm(x_SI: torch.Tensor, w_EIO: torch.Tensor, expert_S: torch.Tensor) -> torch.Tensor:
+    """Fallback for ``_grouped_mm``: each slot multiplies by its own expert's matrix, in bounded chunks.
+
+    No loop over experts and no host sync; memory per chunk is bounded by gathering at most ~64 MiB of weights.
+    """
+    per_slot = w_EIO.shape[1] * w_EIO.shape[2] * w_EIO.element_size()
+    chunk = max(1, (64 << 20) // per_slot)
+    outs = [torch.bmm(x_SI[i:i + chunk, None, :], w_EIO[expert_S[i:i + chunk]])[:, 0]
+            for i in range(0, x_SI.shape[0], chunk)]
+    return torch.cat(outs) if len(outs) != 1 else outs[0]
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked, as transformers 5 names them: ``gate_up_proj [E, 2I, D]`` (gate rows, then
+    up rows) and ``down_proj [E, D, I]``. Tokens are sorted by expert and run as two grouped matmuls."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.n_experts, self.intermediate = E, I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        N, K = experts_NK.shape
+        flat_S = experts_NK.reshape(-1)
+        order_S = torch.argsort(flat_S, stable=True)
+        expert_S = flat_S[order_S]
+        x_SD = x_ND[order_S // K]
+        if grouped_mm_works(x_ND.device.type, x_ND.dtype):
+            counts_E = torch.zeros(self.n_experts, dtype=torch.int32, device=x_ND.device)
+            counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S, dtype=torch.int32))
+            offs_E = counts_E.cumsum(0, dtype=torch.int32)
+            h_S2I = torch._grouped_mm(x_SD, self.gate_up_proj.transpose(1, 2), offs=offs_E)
+            gate, up = h_S2I.chunk(2, dim=-1)
+            y_SD = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs_E)
+        else:
+            h_S2I = _gathered_mm(x_SD, self.gate_up_proj.transpose(1, 2), expert_S)
+            gate, up = h_S2I.chunk(2, dim=-1)
+            y_SD = _gathered_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), expert_S)
+        # Undo the sort, then combine the K expert outputs of each token in fp32 (as the hub does).
+        y_unsorted = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD)
+        y_ND = (y_unsorted.view(N, K, -1).float() * weights_NK[..., None]).sum(dim=1)
+        return y_ND.to(x_ND.dtype)
+
+    def forward_reference(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        """Plain path: every expert in turn over the tokens that chose it. For tests."""
+        out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
+        for e in range(self.n_experts):
+            token, slot = torch.nonzero(experts_NK == e, as_tuple=True)
+            gate, up = (x_ND[token] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.down_proj[e].T
+            out.index_add_(0, token, y.float() * weights_NK[token, slot, None])
+        return out.to(x_ND.dtype)
+
+
+class MoE(nn.Module):
+    """Routed experts plus always-on shared experts; computes the balance losses while training."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gate = Gate(config)
+        self.experts = RoutedExperts(config)
+        n_shared = config.n_shared_experts or 0
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        weights_NK, experts_NK, scores_NE = self.gate(x_ND)
+        y_ND = self.experts(x_ND, weights_NK, experts_NK)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        aux = balance_loss(self.config, scores_NE.view(B, T, -1), experts_NK.view(B, T, -1)) if self.training else None
+        return y_ND.view(B, T, D), aux
+
+
+def balance_loss(config: ModelConfig, scores_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torch.Tensor | None:
+    """The paper's auxiliary losses (DeepSeek-V2 eq. 23-31), summed; None when all their weights are 0.
+
+    - expert level (``aux_loss_alpha``): ``alpha1 * sum_i f_i P_i`` with ``f_i = E/(K T) * #tokens choosing i``
+      and ``P_i`` the mean score of expert i; per sequence and then averaged when ``seq_aux`` (the hub's rule),
+      else over the whole batch;
+    - device level (``device_aux_loss_alpha``): experts split into ``balance_devices`` contiguous groups,
+      ``f'_d`` the mean ``f_i`` and ``P'_d`` the sum of ``P_i`` over group d;
+    - communication (``comm_aux_loss_alpha``): ``f''_d = D/(M T) * #tokens sent to group d``, M =
+      ``balance_max_devices``, ``P''_d = P'_d``.
+    """
+    a1, a2, a3 = config.aux_loss_alpha, config.device_aux_loss_alpha, config.comm_aux_loss_alpha
+    if not (a1 or a2 or a3):
+        return None
+    B, T, E = scores_BTE.shape
+    K = experts_BTK.shape[-1]
+    ones = torch.ones_like(experts_BTK, dtype=scores_BTE.dtype)
+    if config.seq_aux:
+        counts_BE = torch.zeros(B, E, dtype=scores_BTE.dtype, device=scores_BTE.device)
+        counts_BE.scatter_add_(1, experts_BTK.reshape(B, -1), ones.reshape(B, -1))
+        f_BE, p_BE = counts_BE * E / (K * T), scores_BTE.mean(dim=1)
+    else:
+        counts_E = torch.zeros(E, dtype=scores_BTE.dtype, device=scores_BTE.device)
+        counts_E.scatter_add_(0, experts_BTK.reshape(-1), ones.reshape(-1))
+        f_BE, p_BE = (counts_E * E / (K * B * T))[None], scores_BTE.reshape(-1, E).mean(dim=0)[None]
+    loss = a1 * (f_BE * p_BE).sum(-1).mean()
+    if a2 or a3:
+        Dv, M = config.balance_devices, config.balance_max_devices
+        p_dev = p_BE.view(p_BE.shape[0], Dv, -1).sum(-1)
+        if a2:
+            loss = loss + a2 * (f_BE.view(f_BE.shape[0], Dv, -1).mean(-1) * p_dev).sum(-1).mean()
+        if a3:
+            device_BTK = experts_BTK // (E // Dv)
+            sent_BTD = torch.zeros(B, T, Dv, dtype=torch.bool, device=scores_BTE.device)
+            sent_BTD.scatter_(2, device_BTK, True)
+            if config.seq_aux:
+                f_dev = sent_BTD.float().sum(1) * Dv / (M * T)
+            else:
+                f_dev = (sent_BTD.float().sum((0, 1)) * Dv / (M * B * T))[None]
+            loss = loss + a3 * (f_dev * p_dev).sum(-1).mean()
+    return loss

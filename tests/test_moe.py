@@ -1,0 +1,140 @@
+"""DeepSeekMoE: the grouped-matmul path, its fallback and the plain reference agree; gate semantics; losses."""
+
+from __future__ import annotations
+
+import torch
+
+from dscoder import ModelConfig
+from dscoder.model import moe as moe_mod
+from dscoder.model.moe import Gate, MoE, RoutedExperts, balance_loss
+
+
+def _cfg(**kw):
+    return ModelConfig.preset("tiny").replace(**kw)
+
+
+def _experts(cfg, seed=0):
+    torch.manual_seed(seed)
+    ex = RoutedExperts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.3)
+        ex.down_proj.normal_(0, 0.3)
+    return ex
+
+
+def _route(cfg, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cfg.hidden_size, generator=g)
+    experts = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.num_experts_per_tok]
+                           for _ in range(n)])
+    weights = torch.rand(n, cfg.num_experts_per_tok, generator=g)
+    return x, weights, experts
+
+
+def test_grouped_mm_matches_reference_forward_and_backward():
+    cfg = _cfg()
+    ex = _experts(cfg)
+    x, w, e = _route(cfg, 37)
+    x.requires_grad_(True)
+    assert moe_mod.grouped_mm_works("cpu", torch.float32)
+    fast = ex(x, w, e)
+    ref = ex.forward_reference(x, w, e)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(fast)
+    gx_fast, gw_fast = torch.autograd.grad(fast, (x, ex.gate_up_proj), g)
+    gx_ref, gw_ref = torch.autograd.grad(ex.forward_reference(x, w, e), (x, ex.gate_up_proj), g)
+    torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw_fast, gw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_matches_reference(monkeypatch):
+    cfg = _cfg()
+    ex = _experts(cfg)
+    x, w, e = _route(cfg, 29)
+    monkeypatch.setattr(moe_mod, "grouped_mm_works", lambda *a: False)
+    monkeypatch.setattr(torch, "_grouped_mm", None)  # the fallback must not touch it
+    torch.testing.assert_close(ex(x, w, e), ex.forward_reference(x, w, e), rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_mm_chunks_agree():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 8, generator=g), torch.randn(4, 8, 6, generator=g)
+    idx = torch.randint(0, 4, (50,), generator=g)
+    expected = torch.einsum("si,sio->so", x, w[idx])
+    assert torch.allclose(moe_mod._gathered_mm(x, w, idx), expected, atol=1e-5)
+
+
+def test_group_limited_routing_stays_in_top_groups():
+    cfg = _cfg(topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3)
+    torch.manual_seed(0)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=1.0)
+    x = torch.randn(64, cfg.hidden_size)
+    _, experts, scores = gate(x)
+    group_best = scores.view(64, 4, 2).amax(-1)
+    top_groups = group_best.topk(2, dim=-1).indices
+    for t in range(64):
+        assert set((experts[t] // 2).tolist()) <= set(top_groups[t].tolist())
+
+
+def test_weight_semantics_normalize_or_scale():
+    x = torch.randn(10, 64)
+    torch.manual_seed(0)
+    scaled = Gate(_cfg(routed_scaling_factor=16.0))
+    torch.nn.init.normal_(scaled.weight)
+    w, e, scores = scaled(x)
+    assert torch.allclose(w, scores.gather(1, e) * 16.0)
+    normed = Gate(_cfg(norm_topk_prob=True, routed_scaling_factor=16.0))
+    normed.load_state_dict(scaled.state_dict())
+    w2, _, _ = normed(x)
+    assert torch.allclose(w2.sum(-1), torch.ones(10))
+
+
+def test_gate_runs_in_fp32_for_bf16_inputs():
+    gate = Gate(_cfg()).to(torch.bfloat16)
+    torch.nn.init.normal_(gate.weight)
+    w, _, scores = gate(torch.randn(4, 64, dtype=torch.bfloat16))
+    assert w.dtype == scores.dtype == torch.float32
+
+
+def _naive_losses(cfg, scores, experts):
+    """Direct transcription of DeepSeek-V2 eq. 23-31, per sequence, averaged over the batch."""
+    B, T, E = scores.shape
+    K, Dv, M = experts.shape[-1], cfg.balance_devices, cfg.balance_max_devices
+    total = 0.0
+    for b in range(B):
+        f = torch.tensor([E / (K * T) * sum(int(i in experts[b, t].tolist()) for t in range(T)) for i in range(E)])
+        P = scores[b].mean(0)
+        exp_loss = (f * P).sum()
+        groups = torch.arange(E).view(Dv, -1)
+        f_dev = torch.stack([f[g].mean() for g in groups])
+        P_dev = torch.stack([P[g].sum() for g in groups])
+        sent = torch.tensor([[any(int(j) in g.tolist() for j in experts[b, t]) for g in groups] for t in range(T)])
+        f_comm = Dv / (M * T) * sent.float().sum(0)
+        total = total + (cfg.aux_loss_alpha * exp_loss + cfg.device_aux_loss_alpha * (f_dev * P_dev).sum()
+                         + cfg.comm_aux_loss_alpha * (f_comm * P_dev).sum())
+    return total / B
+
+
+def test_balance_losses_match_paper_formulas():
+    cfg = _cfg(aux_loss_alpha=0.003, device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02, balance_devices=4,
+               balance_max_devices=2, num_experts_per_tok=2)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 9, 8, generator=g).softmax(-1)
+    experts = scores.topk(2, dim=-1).indices
+    assert torch.allclose(balance_loss(cfg, scores, experts), _naive_losses(cfg, scores, experts), atol=1e-6)
+
+
+def test_balance_loss_batch_level_and_training_only():
+    cfg = _cfg(seq_aux=False)
+    scores = torch.full((2, 4, 8), 1 / 8)
+    experts = torch.arange(8).view(1, 4, 2).expand(2, 4, 2)  # perfectly balanced: f_i = 1, P_i = 1/8
+    assert torch.allclose(balance_loss(cfg, scores, experts), torch.tensor(cfg.aux_loss_alpha))
+    layer = MoE(_cfg())
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 5, 64)
+    assert layer.eval()(x)[1] is None
+    aux = layer.train()(x)[1]
+    assert aux is not None and aux.requires_grad
+    assert balance_loss(_cfg(aux_loss_alpha=0.0), scores, experts) is None
