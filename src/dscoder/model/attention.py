@@ -106,11 +106,14 @@ class MLA(nn.Module):
         k_nope, v_BSHV = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_BSHQ = torch.cat([k_nope, k_rope_BSR[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q_BTHQ = torch.cat([q_nope, q_rope], dim=-1)
+        q_dim = q_BTHQ.shape[-1]
+        if self.v_dim < q_dim:  # fused SDPA kernels want one head size: pad V with zeros, slice them off after
+            v_BSHV = F.pad(v_BSHV, (0, q_dim - self.v_dim))
         out = F.scaled_dot_product_attention(
             q_BTHQ.transpose(1, 2), k_BSHQ.transpose(1, 2), v_BSHV.transpose(1, 2), attn_mask=mask,
             is_causal=mask is None and q_BTHQ.shape[1] > 1, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., : self.v_dim]
 
     def absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSE: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:

@@ -111,21 +111,21 @@ class RoutedExperts(nn.Module):
         order_S = torch.argsort(flat_S, stable=True)
         expert_S = flat_S[order_S]
         x_SD = x_ND[order_S // K]
-        if grouped_mm_works(x_ND.device.type, x_ND.dtype):
+        use_grouped = grouped_mm_works(x_ND.device.type, x_ND.dtype)
+        if use_grouped:
             counts_E = torch.zeros(self.n_experts, dtype=torch.int32, device=x_ND.device)
             counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S, dtype=torch.int32))
             offs_E = counts_E.cumsum(0, dtype=torch.int32)
-            h_S2I = torch._grouped_mm(x_SD, self.gate_up_proj.transpose(1, 2), offs=offs_E)
-            gate, up = h_S2I.chunk(2, dim=-1)
-            y_SD = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs_E)
+            mm = lambda a, w: torch._grouped_mm(a, w, offs=offs_E)  # noqa: E731
         else:
-            h_S2I = _gathered_mm(x_SD, self.gate_up_proj.transpose(1, 2), expert_S)
-            gate, up = h_S2I.chunk(2, dim=-1)
-            y_SD = _gathered_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), expert_S)
-        # Undo the sort, then combine the K expert outputs of each token in fp32 (as the hub does).
+            mm = lambda a, w: _gathered_mm(a, w, expert_S)  # noqa: E731
+        gate, up = mm(x_SD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        # Weighting the rows before the (linear) down projection equals weighting its output, on I < D columns.
+        act_SI = F.silu(gate) * up * weights_NK.reshape(-1)[order_S, None].to(x_ND.dtype)
+        y_SD = mm(act_SI, self.down_proj.transpose(1, 2))
+        # Undo the sort and add each token's K expert outputs (the sum accumulates in fp32).
         y_unsorted = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD)
-        y_ND = (y_unsorted.view(N, K, -1).float() * weights_NK[..., None]).sum(dim=1)
-        return y_ND.to(x_ND.dtype)
+        return y_unsorted.view(N, K, -1).sum(dim=1)
 
     def forward_reference(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Plain path: every expert in turn over the tokens that chose it. For tests."""

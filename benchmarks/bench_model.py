@@ -1,0 +1,166 @@
+"""dscoder's DeepSeek-V2 against transformers' DeepseekV2ForCausalLM on the same weights, in one run.
+
+Measures, for each implementation in its own fresh worker process (so peak memory is its own):
+  - training: forward + backward of the next-token loss, median seconds per step and tokens/s;
+  - prefill: forward under inference_mode, tokens/s;
+  - peak memory above the loaded model during the first training step (CPU: Linux VmHWM, reset before the step;
+    CUDA: max_memory_allocated), gradients included.
+Prints both side by side and the ratios (ours / theirs for speed, theirs / ours for memory).
+
+    python benchmarks/bench_model.py [--batch 4 --seq 512 --iters 5 --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+              num_hidden_layers=8, num_attention_heads=8, kv_lora_rank=128, q_lora_rank=None, qk_nope_head_dim=64,
+              qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=4,
+              first_k_dense_replace=1, max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
+              rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "beta_fast": 32,
+                            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})
+
+
+IMPLS = ("transformers", "transformers-loop", "dscoder")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker(impl: str, ckpt: str, batch: int, seq: int, iters: int, device: str, dtype: str) -> dict:
+    torch.manual_seed(0)
+    if impl == "dscoder":
+        import dscoder
+
+        model = dscoder.load_model(ckpt, device=device, dtype=dtype)
+        logits_of = lambda ids: model(ids).logits  # noqa: E731
+    else:
+        import transformers
+
+        # "transformers": its defaults (grouped_mm experts, SDPA); "transformers-loop": its per-expert loop, the
+        # path of the hub remote code and of transformers 4.x
+        experts = "eager" if impl == "transformers-loop" else None
+        model = transformers.DeepseekV2ForCausalLM.from_pretrained(
+            ckpt, experts_implementation=experts, dtype=getattr(torch, dtype)).to(device)
+        logits_of = lambda ids: model(ids).logits  # noqa: E731
+    vocab = CONFIG["vocab_size"]
+    ids = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    inp, tgt = ids[:, :-1], ids[:, 1:]
+
+    def train_step():
+        logits = logits_of(inp)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), tgt.reshape(-1))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+
+    def prefill():
+        with torch.inference_mode():
+            logits_of(inp)
+        _sync(device)
+
+    model.train()
+    # Peak memory of the first training step, above the loaded model: measured before any warm-up, because freed
+    # memory the allocator keeps would hide a later step's peak from the resident-set counters.
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    base_rss = _rss_kib("VmRSS")
+    have_peak = _reset_peak()
+    train_step()
+    peak_mib = ((torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda")
+                else (_rss_kib("VmHWM") - base_rss) / 1024 if have_peak else float("nan"))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        train_step()
+        times.append(time.perf_counter() - t0)
+    model.eval()
+    prefill()
+    ptimes = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        prefill()
+        ptimes.append(time.perf_counter() - t0)
+    tokens = batch * seq
+    return {"impl": impl, "train_s": statistics.median(times), "train_tok_s": tokens / statistics.median(times),
+            "prefill_s": statistics.median(ptimes), "prefill_tok_s": tokens / statistics.median(ptimes),
+            "train_peak_mib": peak_mib}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.ckpt, args.batch, args.seq, args.iters, args.device,
+                                args.dtype)))
+        return
+
+    import dscoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = dscoder.build_model(dscoder.ModelConfig(**CONFIG), seed=0)
+        dscoder.save_model(model, tmp)  # both implementations load these same weights
+        n_params, n_act = model.num_parameters(), model.num_activated_parameters()
+        del model
+        results = {}
+        for impl in IMPLS:
+            cmd = [sys.executable, __file__, "--worker", impl, "--ckpt", tmp, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--iters", str(args.iters), "--device", args.device, "--dtype", args.dtype]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[impl] = json.loads(out.strip().splitlines()[-1])
+    import transformers
+
+    ours = results["dscoder"]
+    print(f"config: hidden {CONFIG['hidden_size']}, {CONFIG['num_hidden_layers']} layers, "
+          f"{CONFIG['n_routed_experts']} experts top-{CONFIG['num_experts_per_tok']}, "
+          f"{n_params / 1e6:.1f}M params ({n_act / 1e6:.1f}M activated); batch {args.batch} x seq {args.seq}, "
+          f"{args.dtype}, {args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads {torch.get_num_threads()}, median of {args.iters}")
+    rows = [("train fwd+bwd tok/s", "train_tok_s", False), ("prefill tok/s", "prefill_tok_s", False),
+            ("train peak MiB", "train_peak_mib", True)]
+    print(f"{'':22}" + "".join(f"{name:>19}" for name in IMPLS) + "".join(f"{'ours vs ' + n:>24}" for n in IMPLS[:-1]))
+    for label, key, lower_is_better in rows:
+        cells = "".join(f"{results[name][key]:19.0f}" for name in IMPLS)
+        ratios = "".join(f"{(results[n][key] / ours[key] if lower_is_better else ours[key] / results[n][key]):23.2f}x"
+                         for n in IMPLS[:-1])
+        print(f"{label:22}{cells}{ratios}")
+    print("ratios: speed = ours / theirs; memory = theirs / ours (above 1 means dscoder is better)")
+
+
+if __name__ == "__main__":
+    main()
