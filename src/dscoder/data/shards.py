@@ -1,0 +1,99 @@
+"""Token shards: the documents of a build as memory-mapped token arrays.
+
+A build directory holds ``tokens/NAME.bin`` (uint32 little-endian token ids, documents back to back, no
+separators) and ``tokens/NAME.idx.npy`` (int64 offsets, ``n_docs + 1`` of them: document i is
+``bin[idx[i]:idx[i+1]]``). Shards are written under temporary names and renamed on close, so a shard that exists
+is complete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dscoder.errors import DscoderError
+
+TOKEN_DTYPE = np.dtype("<u4")
+
+
+class ShardWriter:
+    def __init__(self, directory: str | Path, name: str):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self._bin_tmp = self.directory / f"{name}.bin.tmp"
+        self._file = open(self._bin_tmp, "wb")
+        self._offsets = [0]
+
+    def add(self, ids: Sequence[int] | np.ndarray) -> None:
+        arr = np.asarray(ids, dtype=TOKEN_DTYPE)
+        self._file.write(arr.tobytes())
+        self._offsets.append(self._offsets[-1] + len(arr))
+
+    @property
+    def n_docs(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return self._offsets[-1]
+
+    def close(self) -> tuple[int, int]:
+        """Finish the shard; returns ``(n_docs, n_tokens)``."""
+        self._file.close()
+        idx_tmp = self.directory / f"{self.name}.idx.tmp.npy"
+        np.save(idx_tmp, np.asarray(self._offsets, dtype=np.int64))
+        os.replace(idx_tmp, self.directory / f"{self.name}.idx.npy")
+        os.replace(self._bin_tmp, self.directory / f"{self.name}.bin")
+        return self.n_docs, self.n_tokens
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._file.closed:
+            self.close()
+
+
+class TokenDataset:
+    """All token shards under ``directory`` (a build dir or its ``tokens/``), in name order, as one document list."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        token_dir = directory / "tokens" if (directory / "tokens").is_dir() else directory
+        bins = sorted(token_dir.glob("*.bin"))
+        if not bins:
+            raise DscoderError(f"{directory}: no token shards (expected tokens/*.bin from `dscoder data build`)")
+        self._tokens: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
+        for b in bins:
+            idx = b.with_name(b.name[: -len(".bin")] + ".idx.npy")
+            if not idx.exists():
+                raise DscoderError(f"{b}: its index {idx.name} is missing")
+            offsets = np.load(idx)
+            tokens = (np.memmap(b, dtype=TOKEN_DTYPE, mode="r") if b.stat().st_size
+                      else np.zeros(0, dtype=TOKEN_DTYPE))
+            if offsets[-1] != len(tokens):
+                raise DscoderError(f"{b}: holds {len(tokens)} tokens but its index says {offsets[-1]}")
+            self._tokens.append(tokens)
+            self._offsets.append(offsets)
+        counts = [len(o) - 1 for o in self._offsets]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(t) for t in self._tokens))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+        j = i - int(self._starts[shard])
+        offsets = self._offsets[shard]
+        return self._tokens[shard][offsets[j]: offsets[j + 1]]
