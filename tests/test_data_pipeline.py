@@ -125,3 +125,23 @@ def test_language_coverage_report(capsys):
     covered, total = (int(x) for x in out.split(" languages covered")[0].split(" of "))
     assert total == 338 and covered >= 280
     assert "Perl 6 -> Raku" in out
+
+
+def test_parquet_text_build_without_code_rules_and_tokenizer_cli(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prose = ["The derivative of x squared is two x, by the power rule of calculus.\n" * 3,
+             "A prime number has exactly two divisors: one and itself. Seven is prime.\n" * 2,
+             "Sums of the first n odd numbers give the n-th square number, as tiles show.\n" * 2]
+    pq.write_table(pa.table({"text": prose, "id": ["a", "b", "c"]}), tmp_path / "math.parquet")
+    out = tmp_path / "math"
+    assert main(["data", "build", str(tmp_path / "math.parquet"), "--out", str(out), "--vocab-size", "300",
+                 "--tasks", "1", "--workers", "1", "--no-humaneval", "--rule", "code_rules=false"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["documents_kept"] == 3 and manifest["languages"] == {"Text": 3}
+    assert "3 kept of 3" in capsys.readouterr().out
+    assert main(["tokenizer", "train", "--data", str(out), "--vocab-size", "280", "--out", str(tmp_path / "tok")]) == 0
+    assert Tokenizer.load(tmp_path / "tok").vocab_size == 280
+    assert main(["tokenizer", "train", "--data", str(tmp_path), "--out", str(tmp_path / "t2")]) == 2
+    assert "no documents/" in capsys.readouterr().err
