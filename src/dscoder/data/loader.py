@@ -1,0 +1,295 @@
+"""PackedLoader: the pre-training loader. Documents from a mixture of builds → FIM → packed, resumable batches.
+
+The stream a rank sees, and why it is reproducible:
+
+- **Mixture.** Document k of a rank's stream comes from source s with probability ``weight_s`` (weights are
+  normalised). The draw for document k is a pure function of ``(seed, rank, k)``, so the position in the mixture is
+  one counter.
+- **Order.** Each source's documents are visited in a random permutation per epoch, a pure function of
+  ``(seed, source, epoch)`` and therefore the same on every rank; rank r takes permutation positions
+  ``r, r + world_size, ...``, so ranks read disjoint documents of an epoch and together read all of it. A source that
+  runs out starts its next epoch with a new permutation. Each rank computes its own slice: nothing depends on what
+  other ranks did. (Ranks draw their mixtures independently, so they may be in different epochs of a source.)
+- **FIM.** A document's ids are decoded, FIM-transformed at character level with probability ``fim_rate`` and
+  re-tokenised, and EOS is appended (``dscoder.data.fim.document_tokens``), with a generator seeded by
+  ``(seed, source, epoch, document)``: the same document gets the same split in an epoch whatever the rank count,
+  and a fresh one next epoch. With ``fim_rate == 0`` the stored ids plus EOS are used directly (no decode).
+- **Packing.** Documents are concatenated into one token stream and cut into rows of ``seq_len + 1`` tokens that
+  start every ``seq_len`` tokens (Megatron's windows): row r is ``stream[r*L : r*L + L + 1]``, its inputs
+  ``row[:-1]`` and labels ``row[1:]``. So the last token of a row is repeated as the first input of the next row;
+  every stream token after the first is a label exactly once, nothing is padded and nothing is dropped, and rows
+  cross document boundaries (EOS marks them).
+
+``state_dict()`` is a few integers: per-source epoch and position, the mixture counter, the partly consumed
+document (which source, epoch and document, and how far into it), and rows produced. The carry-over tokens are not
+stored but regenerated from that reference on ``load_state_dict``, which is exact because every random choice above
+is a function of the seed and counters. A restored loader yields exactly the batches the original would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dscoder.data.fim import document_tokens
+from dscoder.data.shards import TOKEN_DTYPE, TokenDataset
+from dscoder.errors import DscoderError
+
+if TYPE_CHECKING:
+    from dscoder.tokenizer import Tokenizer
+
+# Tags keep the three seeded streams apart: SeedSequence([seed, tag, ...]).
+_PERMUTATION, _MIXTURE, _FIM = 0, 1, 2
+_MIXTURE_BLOCK = 4096  # mixture draws are made this many at a time
+_STATE_VERSION = 1
+
+
+class _Source:
+    """One build: its documents and this rank's cursor (epoch, position within the rank's slice of the epoch)."""
+
+    def __init__(self, index: int, path: Path, dataset: TokenDataset, seed: int, rank: int, world_size: int):
+        self.index, self.path, self.dataset = index, path, dataset
+        self._seed, self._rank, self._world_size = seed, rank, world_size
+        self.epoch = 0
+        self.position = 0
+        self._order_epoch = -1
+        self._order = np.zeros(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The document indices this rank visits in ``epoch``, in visit order."""
+        rng = np.random.default_rng([self._seed, _PERMUTATION, self.index, epoch])
+        return rng.permutation(len(self.dataset))[self._rank:: self._world_size]
+
+    def take(self) -> tuple[int, int]:
+        """Advance the cursor by one document; returns ``(epoch, document index)``."""
+        if self._order_epoch != self.epoch:
+            self._order = self.order(self.epoch)
+            self._order_epoch = self.epoch
+        if self.position == len(self._order):
+            self.epoch += 1
+            self.position = 0
+            return self.take()
+        doc = int(self._order[self.position])
+        self.position += 1
+        return self.epoch, doc
+
+
+class PackedLoader:
+    """Infinite iterator of ``{"input_ids": LongTensor [B, L], "labels": LongTensor [B, L]}`` for one data rank.
+
+    Args:
+        sources: a build directory, or a list of ``(build_directory, weight)`` for a mixture (weights > 0, normalised;
+            the paper's mixture is 60% code, 10% math, 30% natural language).
+        tokenizer: the ``Tokenizer`` the builds were made with (EOS, and decode/encode for FIM).
+        seq_len: L, tokens per row; batch_size: B, rows per batch (per rank).
+        rank, world_size: this data-parallel rank and how many there are.
+        seed: every random choice (mixture, permutations, FIM) is a function of it and counters.
+        fim_rate: probability a document is FIM-transformed; spm_rate: probability a FIM document uses SPM order.
+    """
+
+    def __init__(self, sources: str | os.PathLike | Sequence[tuple[str | os.PathLike, float]],
+                 tokenizer: Tokenizer, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, fim_rate: float = 0.5, spm_rate: float = 0.0):
+        _check_int("seq_len", seq_len, minimum=1)
+        _check_int("batch_size", batch_size, minimum=1)
+        _check_int("world_size", world_size, minimum=1)
+        _check_int("rank", rank, minimum=0)
+        if rank >= world_size:
+            raise DscoderError(f"PackedLoader: rank must be in [0, world_size={world_size}), got {rank}")
+        _check_int("seed", seed, minimum=0)
+        _check_rate("fim_rate", fim_rate)
+        _check_rate("spm_rate", spm_rate)
+        if fim_rate > 0 and None in (tokenizer.fim_begin_id, tokenizer.fim_hole_id, tokenizer.fim_end_id):
+            raise DscoderError(f"PackedLoader: fim_rate={fim_rate} needs a tokenizer with the FIM tokens; this one "
+                               "lacks some (use fim_rate=0)")
+        paths, weights = _parse_sources(sources)
+
+        self.tokenizer = tokenizer
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.fim_rate, self.spm_rate = float(fim_rate), float(spm_rate)
+        self.sources: list[_Source] = []
+        for i, path in enumerate(paths):
+            dataset = _open_build(i, path, world_size)
+            self.sources.append(_Source(i, path, dataset, seed, rank, world_size))
+        total = math.fsum(weights)
+        self.weights = [w / total for w in weights]
+        self._cumulative = np.cumsum(self.weights)
+        self._cumulative[-1] = 1.0  # draws are < 1, so the last source catches any rounding
+        self._eos = np.asarray([tokenizer.eos_id], dtype=TOKEN_DTYPE)
+
+        self._docs_drawn = 0  # mixture counter: documents taken so far by this rank
+        self._mixture_block = -1
+        self._mixture_choices: list[int] = []
+        self._doc = np.zeros(0, dtype=TOKEN_DTYPE)  # the partly consumed document's tokens (after FIM, with EOS)
+        self._doc_ref: tuple[int, int, int] | None = None  # its (source, epoch, document index)
+        self._doc_pos = 0  # next stream token = self._doc[self._doc_pos]
+        self.rows = 0
+
+    # -- the stream ---------------------------------------------------------------------------------------------
+
+    def documents(self, source: int, epoch: int) -> np.ndarray:
+        """The document indices of ``sources[source]`` that this rank visits in ``epoch``, in visit order."""
+        return self.sources[source].order(epoch)
+
+    def _pick_source(self) -> int:
+        if len(self.sources) == 1:
+            return 0
+        block, offset = divmod(self._docs_drawn, _MIXTURE_BLOCK)
+        if block != self._mixture_block:
+            u = np.random.default_rng([self.seed, _MIXTURE, self.rank, block]).random(_MIXTURE_BLOCK)
+            self._mixture_choices = np.searchsorted(self._cumulative, u, side="right").tolist()
+            self._mixture_block = block
+        return self._mixture_choices[offset]
+
+    def _document(self, source: int, epoch: int, index: int) -> np.ndarray:
+        """Tokens of one document as they enter the stream: FIM (maybe) and EOS."""
+        ids = self.sources[source].dataset[index]
+        if self.fim_rate == 0.0:
+            out = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
+            out[:-1] = ids
+            out[-1] = self._eos[0]
+            return out
+        rng = np.random.default_rng([self.seed, _FIM, source, epoch, index])
+        text = self.tokenizer.decode(ids.tolist())
+        tokens = document_tokens(text, rng, self.tokenizer, fim_rate=self.fim_rate, spm_rate=self.spm_rate)
+        return np.asarray(tokens, dtype=TOKEN_DTYPE)
+
+    def _next_document(self) -> np.ndarray:
+        source = self._pick_source()
+        self._docs_drawn += 1
+        epoch, index = self.sources[source].take()
+        self._doc_ref = (source, epoch, index)
+        return self._document(source, epoch, index)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        B, L = self.batch_size, self.seq_len
+        need = B * L + 1  # B windows of L + 1 tokens, each starting where the previous one's last token is
+        pieces: list[np.ndarray] = []
+        have = 0
+        doc, pos = self._doc, self._doc_pos
+        while have + (len(doc) - pos) < need:
+            pieces.append(doc[pos:])
+            have += len(doc) - pos
+            doc, pos = self._next_document(), 0
+        take = need - have
+        pieces.append(doc[pos: pos + take])
+        # The batch's last token is peeked, not consumed: it is the first input of the next batch.
+        self._doc, self._doc_pos = doc, pos + take - 1
+        self.rows += B
+        flat = np.concatenate(pieces).astype(np.int64)
+        return {
+            "input_ids": torch.from_numpy(flat[:-1].reshape(B, L)),
+            "labels": torch.from_numpy(flat[1:].reshape(B, L).copy()),  # its own memory: callers mask labels in place
+        }
+
+    # -- resume -------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small JSON-serialisable dict from which ``load_state_dict`` restores the exact stream position."""
+        current = None
+        if self._doc_ref is not None:
+            source, epoch, index = self._doc_ref
+            current = {"source": source, "epoch": epoch, "document": index, "offset": self._doc_pos}
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+            "fim_rate": self.fim_rate, "spm_rate": self.spm_rate,
+            "sources": [{"documents": len(s.dataset), "epoch": s.epoch, "position": s.position}
+                        for s in self.sources],
+            "documents_drawn": self._docs_drawn,
+            "current": current,
+            "rows": self.rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by ``state_dict`` (of a loader with the same seed, ranks, FIM rates, sources).
+
+        ``seq_len``, ``batch_size`` and the mixture weights may differ: the token stream continues where it was.
+        """
+        try:
+            if state["version"] != _STATE_VERSION:
+                raise DscoderError(f"loader state: version {state['version']}, expected {_STATE_VERSION}")
+            for key in ("seed", "rank", "world_size", "fim_rate", "spm_rate"):
+                if state[key] != getattr(self, key):
+                    raise DscoderError(f"loader state: saved with {key}={state[key]}, "
+                                       f"this loader has {key}={getattr(self, key)}")
+            saved = state["sources"]
+            if len(saved) != len(self.sources):
+                raise DscoderError(f"loader state: saved with {len(saved)} sources, this loader has "
+                                   f"{len(self.sources)}")
+            for s, entry in zip(self.sources, saved):
+                if entry["documents"] != len(s.dataset):
+                    raise DscoderError(f"loader state: sources[{s.index}] had {entry['documents']} documents, "
+                                       f"{s.path} now holds {len(s.dataset)}")
+            current = state["current"]
+            if current is not None:
+                current = (current["source"], current["epoch"], current["document"], current["offset"])
+            docs_drawn, rows = state["documents_drawn"], state["rows"]
+            cursors = [(entry["epoch"], entry["position"]) for entry in saved]
+        except (KeyError, TypeError) as e:
+            raise DscoderError(f"loader state: malformed, missing or wrong-typed entry {e}") from None
+
+        doc, doc_ref, doc_pos = np.zeros(0, dtype=TOKEN_DTYPE), None, 0
+        if current is not None:  # regenerate the carry-over: the rest of the partly consumed document
+            source, epoch, index, doc_pos = current
+            doc, doc_ref = self._document(source, epoch, index), (source, epoch, index)
+            if not 0 <= doc_pos < len(doc):
+                raise DscoderError(f"loader state: offset {doc_pos} is outside its document ({len(doc)} tokens); "
+                                   "was it saved with another tokenizer?")
+        for s, (epoch, position) in zip(self.sources, cursors):
+            s.epoch, s.position = epoch, position
+        self._docs_drawn, self.rows = docs_drawn, rows
+        self._doc, self._doc_ref, self._doc_pos = doc, doc_ref, doc_pos
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise DscoderError(f"PackedLoader: {name} must be {what}, got {value!r}")
+
+
+def _check_rate(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise DscoderError(f"PackedLoader: {name} must be a probability in [0, 1], got {value!r}")
+
+
+def _parse_sources(sources: Any) -> tuple[list[Path], list[float]]:
+    if isinstance(sources, (str, os.PathLike)):
+        return [Path(sources)], [1.0]
+    if not isinstance(sources, Sequence) or not sources:
+        raise DscoderError("PackedLoader: sources must be a build directory or a non-empty list of "
+                           f"(build_directory, weight), got {sources!r}")
+    paths, weights = [], []
+    for i, item in enumerate(sources):
+        if (not isinstance(item, (tuple, list)) or len(item) != 2
+                or not isinstance(item[0], (str, os.PathLike))):
+            raise DscoderError(f"PackedLoader: sources[{i}] must be a (build_directory, weight) pair, got {item!r}")
+        path, weight = item
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
+                or weight <= 0):
+            raise DscoderError(f"PackedLoader: sources[{i}] weight must be a finite number > 0, got {weight!r}")
+        paths.append(Path(path))
+        weights.append(float(weight))
+    return paths, weights
+
+
+def _open_build(index: int, path: Path, world_size: int) -> TokenDataset:
+    if not path.is_dir():
+        raise DscoderError(f"PackedLoader: sources[{index}]: {path} is not a directory (expected a build)")
+    dataset = TokenDataset(path)
+    if len(dataset) == 0:
+        raise DscoderError(f"PackedLoader: sources[{index}]: {path} holds no documents")
+    if len(dataset) < world_size:
+        raise DscoderError(f"PackedLoader: sources[{index}]: {path} holds {len(dataset)} documents, fewer than "
+                           f"world_size={world_size} (every rank needs at least one per epoch)")
+    return dataset
