@@ -131,6 +131,27 @@ def tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_pretrain(args: argparse.Namespace) -> int:
+    from dscoder.train.config import TrainConfig
+    from dscoder.train.pretrain import pretrain
+
+    config = TrainConfig.load(args.config, args.overrides)
+    last = pretrain(config, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0 and last:
+        print(f"step {last['step']}: loss {last['loss']:.4f}, balance loss {last['aux_loss']:.4f}, "
+              f"{last['tokens_per_s']:.0f} tokens/s, MFU {last['mfu']:.1%}")
+        print(f"wrote {args.out}/metrics.jsonl, {args.out}/loss.png, {args.out}/checkpoints/")
+    return 0
+
+
+def export_checkpoint(args: argparse.Namespace) -> int:
+    from dscoder.train.export import export
+
+    out = export(args.source, args.out, dtype=args.dtype)
+    print(f"wrote an HF checkpoint to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dscoder",
@@ -189,6 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--out", required=True, help="tokenizer folder to write")
     t.set_defaults(func=tokenizer_train)
+
+    train = sub.add_parser("train", help="train models", description="Training recipes.")
+    train_sub = train.add_subparsers(dest="train_command", metavar="SUBCOMMAND")
+    pt = train_sub.add_parser(
+        "pretrain", help="pre-training / long-context extension (one process or torchrun)",
+        description="Next-token + FIM pre-training with the MoE balance loss, AdamW (0.9, 0.95), warmup + cosine "
+                    "to 10%. Run under `torchrun --nproc_per_node=N` for DDP or FSDP2 (parallel.strategy).")
+    pt.add_argument("--config", required=True, help="a TOML recipe, e.g. configs/tiny.toml")
+    pt.add_argument("--out", required=True, help="run directory (metrics.jsonl, loss.png, checkpoints/)")
+    pt.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="dotted overrides of the recipe, e.g. train.steps=100 data.path=runs/data")
+    pt.set_defaults(func=train_pretrain)
+
+    ex = sub.add_parser("export", help="training checkpoint -> HF checkpoint",
+                        description="Write an HF checkpoint (config.json, safetensors, tokenizer) from a run "
+                                    "directory (its latest checkpoint) or a checkpoint directory.")
+    ex.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--dtype", choices=["float32", "bfloat16"], help="stored dtype (default: float32)")
+    ex.set_defaults(func=export_checkpoint)
     return parser
 
 

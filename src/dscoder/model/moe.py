@@ -156,7 +156,12 @@ class MoE(nn.Module):
         y_ND = self.experts(x_ND, weights_NK, experts_NK)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
-        aux = balance_loss(self.config, scores_NE.view(B, T, -1), experts_NK.view(B, T, -1)) if self.training else None
+        aux = None
+        if self.training:
+            aux = balance_loss(self.config, scores_NE.view(B, T, -1), experts_NK.view(B, T, -1))
+            flat = experts_NK.detach().reshape(-1)  # expert load for the trainer's statistics (no host sync)
+            self.expert_counts = torch.zeros(self.config.n_routed_experts, device=flat.device).scatter_add_(
+                0, flat, torch.ones_like(flat, dtype=torch.float32))
         return y_ND.view(B, T, D), aux
 
 

@@ -16,7 +16,7 @@ from dscoder.config import ModelConfig
 from dscoder.model.attention import MLA, MLACache
 from dscoder.model.moe import MLP, Gate, MoE, RoutedExperts
 from dscoder.model.norm import RMSNorm
-from dscoder.model.rope import RotaryEmbedding
+from dscoder.model.rope import RotaryEmbedding, rope_inv_freq
 
 
 @dataclass
@@ -130,6 +130,20 @@ class DeepseekV2(nn.Module):
         """Recompute the non-persistent rope buffers (after building on the meta device)."""
         device = self.model.embed_tokens.weight.device
         self.model.rotary = RotaryEmbedding(self.config).to(device)
+
+    def set_rope_factor(self, factor: float) -> None:
+        """Change the YaRN factor in place (long-context stages): rope frequencies and the softmax scale follow."""
+        rs = self.config.rope_scaling
+        if rs is None or rs["type"] != "yarn":
+            raise ValueError("set_rope_factor needs a YaRN model")
+        self.config = self.config.replace(rope_scaling={**rs, "factor": factor},
+                                          max_position_embeddings=int(factor * rs["original_max_position_embeddings"]))
+        inv_freq, magnitude = rope_inv_freq(self.config)
+        self.model.rotary.inv_freq.copy_(inv_freq)
+        self.model.rotary.magnitude = magnitude
+        for layer in self.model.layers:
+            attn = getattr(layer, "_checkpoint_wrapped_module", layer).self_attn
+            attn.softmax_scale = self.config.softmax_scale
 
     # ----- costs ---------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -1,0 +1,1 @@
+"""Training: recipes (TOML), optimizer and schedule, the pre-training loop, checkpoints and HF export."""

@@ -1,0 +1,213 @@
+"""Training recipes: TOML files with dotted ``key=value`` overrides, validated field by field.
+
+A recipe has four tables and an optional list of stages::
+
+    [model]     preset = "tiny" | init = "HF_DIR" (continued pre-training); other keys override ModelConfig fields
+    [data]      path = "BUILD_DIR" (or sources = [{path=..., weight=...}, ...]), seq_len, fim_rate, spm_rate, shard
+    [train]     steps, micro_batch, grad_accum, lr, min_lr_ratio, warmup_steps, weight_decay, betas, grad_clip, ...
+    [parallel]  strategy = "none" | "ddp" | "fsdp"
+    [[stages]]  long-context extension: steps, seq_len, micro_batch, rope_factor, lr (each stage its own schedule)
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dscoder.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = "tiny"
+    init: str | None = None  # an HF checkpoint directory to start from (continued pre-training)
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields, e.g. vocab_size
+
+
+@dataclass
+class DataSection:
+    path: str | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)  # [{path, weight}] for a mixture
+    seq_len: int = 256
+    fim_rate: float = 0.5
+    spm_rate: float = 0.0
+    # "documents": each rank reads its own documents (scales); "rows": every rank packs the global stream and takes
+    # its rows, so any world size sees the batches one process would (for exact comparisons; costs data work)
+    shard: str = "documents"
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    micro_batch: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"  # autocast dtype: auto (bf16 on CUDA with bf16 support, else fp32) | bfloat16 | float32
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 1
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class ParallelSection:
+    strategy: str = "none"  # none | ddp | fsdp
+    ep: int = 1  # expert parallel degree (only 1 for now)
+
+
+@dataclass
+class Stage:
+    steps: int
+    seq_len: int
+    micro_batch: int | None = None
+    rope_factor: float | None = None
+    lr: float | None = None
+    name: str = ""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    stages: list[Stage] = field(default_factory=list)
+
+    # ----- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+        raw: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            try:
+                raw = tomllib.loads(path.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: config file not found") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+            _set_dotted(raw, key.strip(), _parse_value(value.strip()))
+        return cls.from_dict(raw, source=str(path) if path else "config")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
+        raw = copy.deepcopy(raw)
+        unknown = set(raw) - {"model", "data", "train", "parallel", "stages"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown config table '{sorted(unknown)[0]}'")
+        model_raw = dict(raw.get("model", {}))
+        model = ModelSection(preset=model_raw.pop("preset", None if "init" in model_raw else "tiny"),
+                             init=model_raw.pop("init", None), overrides=model_raw)
+        if model.overrides:
+            from dscoder.config import ModelConfig
+
+            known = {f.name for f in fields(ModelConfig)}
+            bad = sorted(set(model.overrides) - known)
+            if bad:
+                raise ConfigError(f"{source}: unknown config key 'model.{bad[0]}'")
+        cfg = cls(model=model, data=_section(DataSection, raw.get("data", {}), "data", source),
+                  train=_section(TrainSection, raw.get("train", {}), "train", source),
+                  parallel=_section(ParallelSection, raw.get("parallel", {}), "parallel", source),
+                  stages=[_section(Stage, s, f"stages[{i}]", source) for i, s in enumerate(raw.get("stages", []))])
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{source}: {key}: {msg}")
+
+        t, d = self.train, self.data
+        for key in ("steps", "micro_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
+            need(isinstance(getattr(t, key), int) and getattr(t, key) > 0, f"train.{key}", "expected a positive integer")
+        need(t.warmup_steps >= 0, "train.warmup_steps", "expected an integer >= 0")
+        need(t.lr > 0, "train.lr", "expected a positive number")
+        need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "expected a number in [0, 1]")
+        need(t.dtype in ("auto", "bfloat16", "float32"), "train.dtype", "expected auto, bfloat16 or float32")
+        need(d.seq_len > 0, "data.seq_len", "expected a positive integer")
+        need(d.shard in ("documents", "rows"), "data.shard", "expected 'documents' or 'rows'")
+        need(bool(d.path) != bool(d.sources), "data.path", "give data.path or data.sources (a mixture), not both")
+        for i, s in enumerate(d.sources):
+            need(isinstance(s, dict) and set(s) <= {"path", "weight"} and "path" in s, f"data.sources[{i}]",
+                 "expected {path = ..., weight = ...}")
+        need(self.parallel.strategy in ("none", "ddp", "fsdp"), "parallel.strategy", "expected none, ddp or fsdp")
+        need(self.parallel.ep == 1, "parallel.ep", "expert parallelism is not implemented yet; use 1")
+        need(bool(self.model.preset) != bool(self.model.init), "model.preset",
+             "give model.preset or model.init (an HF checkpoint), not both")
+        for i, s in enumerate(self.stages):
+            need(s.steps > 0 and s.seq_len > 0, f"stages[{i}]", "steps and seq_len must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = {k: v for k, v in {"preset": self.model.preset, "init": self.model.init,
+                                         **self.model.overrides}.items() if v is not None}
+        return d
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages) if self.stages else self.train.steps
+
+    def stage_plan(self) -> list[Stage]:
+        """The stages the run goes through (one implicit stage without ``[[stages]]``)."""
+        if self.stages:
+            return self.stages
+        return [Stage(steps=self.train.steps, seq_len=self.data.seq_len)]
+
+
+def _section(cls, raw: Any, name: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {name}: expected a table")
+    known = {f.name: f for f in fields(cls)}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown config key '{name}.{key}'")
+    try:
+        obj = cls(**raw)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {name}: {e}") from None
+    for key, value in raw.items():
+        default = getattr(cls, key, None) if not hasattr(cls, "__dataclass_fields__") else None
+        want = known[key].type
+        if "float" in str(want) and isinstance(value, int) and not isinstance(value, bool):
+            setattr(obj, key, float(value))
+        elif want in ("int", int) and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{source}: {name}.{key} = {value!r}: expected an integer")
+        elif want in ("bool", bool) and not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name}.{key} = {value!r}: expected true or false")
+        elif "float" in str(want) and not isinstance(value, (int, float)) and value is not None:
+            raise ConfigError(f"{source}: {name}.{key} = {value!r}: expected a number")
+        del default
+    return obj
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``100``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``), or the bare text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: '{part}' is not a table")
+    node[parts[-1]] = value

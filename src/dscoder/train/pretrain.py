@@ -1,0 +1,380 @@
+"""The pre-training loop: one process or ``torchrun``, DDP or FSDP2, next-token loss over FIM'd packed batches plus
+the MoE balance loss, AdamW with warmup + cosine, gradient accumulation and clipping, metrics, DCP checkpoints.
+
+Run it with ``dscoder train pretrain --config configs/tiny.toml --out RUN [key=value ...]``; under
+``torchrun --nproc_per_node=N`` the same command trains data-parallel (``parallel.strategy = "ddp" | "fsdp"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dscoder.config import ModelConfig
+from dscoder.errors import CheckpointError, ConfigError, DscoderError
+from dscoder.train import checkpoint as ckpt
+from dscoder.train.config import Stage, TrainConfig
+from dscoder.train.optim import build_optimizer, lr_factor
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """torchrun's environment → process group (NCCL on GPU, gloo on CPU); a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, device)
+
+
+# ----- model -----------------------------------------------------------------------------------------------------
+def model_config(config: TrainConfig, tokenizer) -> ModelConfig:
+    """The preset (or the init checkpoint's config) with the recipe's overrides; the vocabulary and bos/eos follow
+    the tokenizer unless the recipe sets them."""
+    if config.model.init:
+        base = ModelConfig.from_json_file(Path(config.model.init) / "config.json")
+    else:
+        base = ModelConfig.preset(config.model.preset)
+    changes = dict(config.model.overrides)
+    if not config.model.init:
+        changes.setdefault("vocab_size", tokenizer.vocab_size)
+        changes.setdefault("bos_token_id", tokenizer.bos_id)
+        changes.setdefault("eos_token_id", tokenizer.eos_id)
+    elif base.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.init has vocab_size {base.vocab_size} < the data's tokenizer ({tokenizer.vocab_size})")
+    return base.replace(**changes)
+
+
+def build(config: TrainConfig, mcfg: ModelConfig, d: Dist) -> torch.nn.Module:
+    import dscoder
+
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    if config.model.init:
+        model = dscoder.load_model(config.model.init, dtype=torch.float32, device=d.device)
+        if model.config != mcfg:
+            model = _rebuild_with(model, mcfg, d)
+    else:
+        model = dscoder.build_model(mcfg, dtype=torch.float32, device=d.device, seed=config.train.seed)
+    return model.train()
+
+
+def _rebuild_with(model, mcfg: ModelConfig, d: Dist):
+    """An init checkpoint with overridden non-shape fields (e.g. aux_loss_alpha): same weights, new config."""
+    import dscoder
+
+    fresh = dscoder.build_model(mcfg, dtype=torch.float32, device=d.device)
+    try:
+        fresh.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"model overrides change the shapes of model.init's weights: {str(e).splitlines()[0]}") from None
+    return fresh
+
+
+def parallelize(model: torch.nn.Module, config: TrainConfig, d: Dist) -> torch.nn.Module:
+    strategy = config.parallel.strategy if d.world > 1 else "none"
+    if config.train.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    elif strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(d.device.type, (d.world,))
+        for layer in model.model.layers:
+            inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+            if inner.is_moe:
+                fully_shard(inner.mlp.experts, mesh=mesh)  # the routed experts are their own unit
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if config.train.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _inner(model: torch.nn.Module):
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+# ----- data ------------------------------------------------------------------------------------------------------
+def data_sources(config: TrainConfig) -> list[tuple[str, float]]:
+    if config.data.path:
+        sources = [(config.data.path, 1.0)]
+    else:
+        sources = [(s["path"], float(s.get("weight", 1.0))) for s in config.data.sources]
+    for path, _ in sources:
+        p = Path(path)
+        if not (p / "tokens").is_dir() or not (p / "tokenizer").is_dir():
+            raise DscoderError(f"{path}: not a `dscoder data build` output (needs tokens/ and tokenizer/)")
+    return sources
+
+
+def make_loader(config: TrainConfig, stage: Stage, tokenizer, d: Dist):
+    from dscoder.data.loader import PackedLoader
+
+    micro = stage.micro_batch or config.train.micro_batch
+    rows = config.data.shard == "rows"
+    return PackedLoader(data_sources(config), tokenizer, seq_len=stage.seq_len,
+                        batch_size=micro * d.world if rows else micro, rank=0 if rows else d.rank,
+                        world_size=1 if rows else d.world, seed=config.train.seed, fim_rate=config.data.fim_rate,
+                        spm_rate=config.data.spm_rate)
+
+
+def _next_batch(loader, config: TrainConfig, stage: Stage, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = next(loader)
+    ids, labels = batch["input_ids"], batch["labels"]
+    if config.data.shard == "rows":
+        micro = stage.micro_batch or config.train.micro_batch
+        ids, labels = ids[d.rank * micro:(d.rank + 1) * micro], labels[d.rank * micro:(d.rank + 1) * micro]
+    return ids.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+
+
+# ----- the loop --------------------------------------------------------------------------------------------------
+def _stage_at(plan: list[Stage], step: int) -> tuple[int, int]:
+    """(stage index, first step of that stage) for a global optimizer step."""
+    start = 0
+    for i, s in enumerate(plan):
+        if step < start + s.steps:
+            return i, start
+        start += s.steps
+    return len(plan) - 1, start - plan[-1].steps
+
+
+def _apply_stage_rope(model, stage: Stage, base: ModelConfig) -> None:
+    if stage.rope_factor is None:
+        return
+    if base.rope_scaling is None or base.rope_scaling["type"] != "yarn":
+        raise ConfigError("stages[].rope_factor needs a model with YaRN rope_scaling")
+    _inner(model).set_rope_factor(stage.rope_factor)
+
+
+def _peak_flops(device: torch.device) -> tuple[float, str]:
+    """The denominator of MFU: the GPU's dense bf16 peak, or on CPU a measured fp32 matmul rate."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("A10", 125), ("4090", 165)):
+            if key in name:
+                return tflops * 1e12, f"{name} bf16 peak"
+        return float("nan"), name
+    a = torch.randn(1024, 1024)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    return 8 * 2 * 1024**3 / (time.perf_counter() - t0), "measured CPU fp32 matmul rate"
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    dtype = config.train.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _expert_load(model) -> float | None:
+    """Mean over MoE layers of (busiest expert's tokens / mean tokens per expert) in the last micro-batch."""
+    ratios = []
+    for layer in _inner(model).model.layers:
+        layer = getattr(layer, "_checkpoint_wrapped_module", layer)
+        counts = getattr(layer.mlp, "expert_counts", None) if layer.is_moe else None
+        if counts is not None:
+            ratios.append((counts.max() / counts.float().mean().clamp(min=1e-9)).item())
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def _all_mean(values: list[float], d: Dist) -> list[float]:
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return (t / d.world).tolist()
+
+
+def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+    """Train (or resume) a run in ``out``; returns the last step's metrics. ``max_steps`` stops early (as a kill
+    would), for tests and for splitting a run across jobs."""
+    from dscoder.tokenizer import Tokenizer
+
+    d = setup_distributed()
+    out = Path(out)
+    sources = data_sources(config)
+    tokenizer = Tokenizer.load(Path(sources[0][0]) / "tokenizer")
+    mcfg = model_config(config, tokenizer)
+    existing = ckpt.checkpoints(out)
+    if existing and not resume:
+        raise DscoderError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another --out")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    model = build(config, mcfg, d)
+    plan = config.stage_plan()
+    model = parallelize(model, config, d)
+    t = config.train
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    start = 0
+    loader_state = None
+    if resume and existing:
+        meta = ckpt.read_meta(existing[-1])
+        if meta.get("model") != mcfg.to_hf_dict():
+            theirs, mine = meta.get("model", {}), mcfg.to_hf_dict()
+            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+            raise CheckpointError(f"{existing[-1]}: saved with another model config ({', '.join(diff[:4])})")
+        extra = ckpt.load(existing[-1], model, optimizer)
+        start, loader_state = extra["step"], extra["loader"]
+    total = config.total_steps
+    stop = total if max_steps is None else min(total, max_steps)
+    stage_idx, stage_start = _stage_at(plan, start)
+    stage = plan[stage_idx]
+    _apply_stage_rope(model, stage, mcfg)
+    loader = make_loader(config, stage, tokenizer, d)
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
+    metrics_path = out / "metrics.jsonl"
+    if d.main:
+        _truncate_metrics(metrics_path, start)
+    peak, peak_name = _peak_flops(d.device)
+    flops_per_token = _inner(model).flops_per_token(stage.seq_len)
+    bar = None
+    if d.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    step = start
+    while step < stop:
+        idx, first = _stage_at(plan, step)
+        if idx != stage_idx:  # long-context extension: next stage's length, batch and YaRN factor
+            stage_idx, stage_start, stage = idx, first, plan[idx]
+            _apply_stage_rope(model, stage, mcfg)
+            loader = make_loader(config, stage, tokenizer, d)
+            flops_per_token = _inner(model).flops_per_token(stage.seq_len)
+        t0 = time.perf_counter()
+        lm_sum, aux_sum, tokens = 0.0, 0.0, 0
+        for micro in range(t.grad_accum):
+            ids, labels = _next_batch(loader, config, stage, d)
+            sync = micro == t.grad_accum - 1
+            with _no_sync(model, config, sync, d), _autocast(config, d.device):
+                output = model(ids)
+                lm = F.cross_entropy(output.logits.float().flatten(0, 1), labels.flatten())
+                aux = output.aux_loss if output.aux_loss is not None else torch.zeros((), device=d.device)
+                ((lm + aux) / t.grad_accum).backward()
+            lm_sum += lm.item()
+            aux_sum += float(aux.detach())
+            tokens += ids.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = (stage.lr or t.lr) * (lr_factor(step - stage_start, min(t.warmup_steps, stage.steps // 2 or 1),
+                                             stage.steps, t.min_lr_ratio) if config.stages else
+                                   lr_factor(step, t.warmup_steps, total, t.min_lr_ratio))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        lm_loss, aux_loss = _all_mean([lm_sum / t.grad_accum, aux_sum / t.grad_accum], d)
+        tok_s = tokens * d.world / seconds
+        last = {"step": step, "loss": lm_loss, "aux_loss": aux_loss, "grad_norm": float(grad_norm), "lr": lr,
+                "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak, "seq_len": stage.seq_len,
+                "expert_load_max": _expert_load(model)}
+        if d.main:
+            if step % t.log_every == 0 or step == stop:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            bar.update()
+            bar.set_postfix(loss=f"{lm_loss:.3f}", tok_s=f"{tok_s:.0f}")
+        if step % t.ckpt_every == 0 or step == stop:
+            ckpt.save(out, step, model, optimizer, extra={"step": step, "loader": loader.state_dict()},
+                      meta={"model": mcfg.to_hf_dict(), "tokenizer": str(Path(sources[0][0]) / "tokenizer"),
+                            "peak_flops": peak_name}, keep=t.keep_checkpoints)
+    if d.main:
+        bar.close()
+        if metrics_path.exists():
+            plot_loss(metrics_path, out / "loss.png")
+    return last
+
+
+def _no_sync(model, config: TrainConfig, sync: bool, d: Dist):
+    if sync or d.world == 1:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return fsdp_no_sync()
+    return contextlib.nullcontext()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_loss(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in rows], label="LM loss")
+    if any(r.get("aux_loss") for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["aux_loss"] for r in rows], color="#dd8452", alpha=0.6, label="balance loss")
+        ax2.set_ylabel("balance loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title(f"pre-training: {rows[-1]['loss']:.3f} at step {steps[-1]}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
