@@ -130,3 +130,22 @@ def test_torchrun_matches_one_process(data_dir, tmp_path, strategy):
     assert len(two) == 4
     # same global batch of 4 rows: 1 x 4 rows vs 2 ranks x 2 rows; only float summation order differs
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+
+
+def test_long_context_stages_and_activation_checkpointing(data_dir, tmp_path):
+    stages = "stages=[{steps=4, seq_len=32}, {steps=4, seq_len=96, micro_batch=2, rope_factor=8.0}]"
+    pretrain(_config(data_dir, stages, "train.ckpt_every=4"), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["seq_len"] for r in rows] == [32] * 4 + [96] * 4
+    assert rows[4]["lr"] == rows[0]["lr"] < rows[1]["lr"] and rows[3]["lr"] < rows[1]["lr"]  # a schedule per stage
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_scaling"]["factor"] == 8.0 and config["max_position_embeddings"] == 8 * 256
+    # resuming at the stage boundary finds the stage-1 checkpoint consistent with the plan
+    pretrain(_config(data_dir, stages, "train.ckpt_every=4"), tmp_path / "cut", max_steps=4)
+    pretrain(_config(data_dir, stages, "train.ckpt_every=4"), tmp_path / "cut", resume=True)
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "run")
+    # activation checkpointing recomputes the same numbers
+    pretrain(_config(data_dir, "train.steps=2", "train.activation_checkpointing=true"), tmp_path / "ac")
+    pretrain(_config(data_dir, "train.steps=2"), tmp_path / "plain")
+    assert _losses(tmp_path / "ac") == pytest.approx(_losses(tmp_path / "plain"), abs=1e-6)

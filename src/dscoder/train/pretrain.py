@@ -172,6 +172,16 @@ def _stage_at(plan: list[Stage], step: int) -> tuple[int, int]:
     return len(plan) - 1, start - plan[-1].steps
 
 
+def _config_at(mcfg: ModelConfig, plan: list[Stage], step: int) -> ModelConfig:
+    """The model config in effect after ``step`` optimizer steps (stages may have changed the YaRN factor)."""
+    stage = plan[_stage_at(plan, max(step - 1, 0))[0]]
+    if stage.rope_factor is None or mcfg.rope_scaling is None:
+        return mcfg
+    rs = mcfg.rope_scaling
+    return mcfg.replace(rope_scaling={**rs, "factor": stage.rope_factor},
+                        max_position_embeddings=int(stage.rope_factor * rs["original_max_position_embeddings"]))
+
+
 def _apply_stage_rope(model, stage: Stage, base: ModelConfig) -> None:
     if stage.rope_factor is None:
         return
@@ -249,8 +259,9 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     loader_state = None
     if resume and existing:
         meta = ckpt.read_meta(existing[-1])
-        if meta.get("model") != mcfg.to_hf_dict():
-            theirs, mine = meta.get("model", {}), mcfg.to_hf_dict()
+        expected = _config_at(mcfg, plan, meta.get("step", 0)).to_hf_dict()
+        if meta.get("model") != expected:
+            theirs, mine = meta.get("model", {}), expected
             diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
             raise CheckpointError(f"{existing[-1]}: saved with another model config ({', '.join(diff[:4])})")
         extra = ckpt.load(existing[-1], model, optimizer)
@@ -280,7 +291,9 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
         if idx != stage_idx:  # long-context extension: next stage's length, batch and YaRN factor
             stage_idx, stage_start, stage = idx, first, plan[idx]
             _apply_stage_rope(model, stage, mcfg)
+            position = loader.state_dict()  # the data stream continues; only row length and batch change
             loader = make_loader(config, stage, tokenizer, d)
+            loader.load_state_dict(position)
             flops_per_token = _inner(model).flops_per_token(stage.seq_len)
         t0 = time.perf_counter()
         lm_sum, aux_sum, tokens = 0.0, 0.0, 0
@@ -322,7 +335,7 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
             bar.set_postfix(loss=f"{lm_loss:.3f}", tok_s=f"{tok_s:.0f}")
         if step % t.ckpt_every == 0 or step == stop:
             ckpt.save(out, step, model, optimizer, extra={"step": step, "loader": loader.state_dict()},
-                      meta={"model": mcfg.to_hf_dict(), "tokenizer": str(Path(sources[0][0]) / "tokenizer"),
+                      meta={"model": _inner(model).config.to_hf_dict(), "tokenizer": str(Path(sources[0][0]) / "tokenizer"),
                             "peak_flops": peak_name}, keep=t.keep_checkpoints)
     if d.main:
         bar.close()
