@@ -238,6 +238,8 @@ class ModelConfig:
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise ConfigError(f"unknown config key '{sorted(unknown)[0]}'")
+        if "num_attention_heads" in changes and "num_key_value_heads" not in changes:
+            changes["num_key_value_heads"] = changes["num_attention_heads"]  # MLA: always equal
         return dataclasses.replace(self, **changes)
 
     # ----- presets -------------------------------------------------------------------------------------------
