@@ -325,3 +325,15 @@ def test_bad_arguments_give_one_line_errors(builds, tok, tmp_path):
             PackedLoader(sources, tok, seq_len, batch_size, **kwargs)
         message = str(info.value)
         assert "\n" not in message and needle in message, (overrides, message)
+
+
+def test_min_tokens_keeps_only_long_documents(builds, tok):
+    path, _, ids = builds["code"]
+    threshold = sorted(len(d) for d in ids)[len(ids) // 2]
+    long_docs = sorted(d + [tok.eos_id] for d in ids if len(d) >= threshold)
+    loader = PackedLoader([(path, 1.0, threshold)], tok, seq_len=16, batch_size=4, fim_rate=0.0)
+    seen = _segments(_as_stream(_batches(loader, 40)), tok.eos_id)
+    assert seen and all(len(s) >= threshold + 1 for s in seen)
+    assert sorted(seen[: len(long_docs)]) == long_docs  # the first epoch is exactly the long documents
+    with pytest.raises(DscoderError, match="holds no documents of 100000 tokens or more"):
+        PackedLoader([(path, 1.0, 100_000)], tok, seq_len=16, batch_size=4, fim_rate=0.0)

@@ -149,3 +149,13 @@ def test_long_context_stages_and_activation_checkpointing(data_dir, tmp_path):
     pretrain(_config(data_dir, "train.steps=2", "train.activation_checkpointing=true"), tmp_path / "ac")
     pretrain(_config(data_dir, "train.steps=2"), tmp_path / "plain")
     assert _losses(tmp_path / "ac") == pytest.approx(_losses(tmp_path / "plain"), abs=1e-6)
+
+
+def test_long_context_recipe_runs(data_dir, tmp_path):
+    pretrain(_config(data_dir, "train.steps=2", "train.ckpt_every=2"), tmp_path / "base")
+    assert main(["export", str(tmp_path / "base"), "--out", str(tmp_path / "hf")]) == 0
+    config = TrainConfig.load(ROOT / "configs" / "tiny-long-context.toml", [
+        f"model.init={tmp_path / 'hf'}", "stages=[{steps=1, seq_len=128, micro_batch=1, rope_factor=8.0}]",
+        f"data.sources=[{{path='{data_dir}', weight=0.5}}, {{path='{data_dir}', weight=0.5, min_tokens=1024}}]"])
+    last = pretrain(config, tmp_path / "long")
+    assert last["seq_len"] == 128 and last["step"] == 1

@@ -85,7 +85,9 @@ class PackedLoader:
 
     Args:
         sources: a build directory, or a list of ``(build_directory, weight)`` for a mixture (weights > 0, normalised;
-            the paper's mixture is 60% code, 10% math, 30% natural language).
+            the paper's mixture is 60% code, 10% math, 30% natural language). A third element ``min_tokens`` keeps
+            only that build's documents of at least that many tokens: listing a build twice, once whole and once
+            with ``min_tokens``, upsamples its long documents (long-context extension).
         tokenizer: the ``Tokenizer`` the builds were made with (EOS, and decode/encode for FIM).
         seq_len: L, tokens per row; batch_size: B, rows per batch (per rank).
         rank, world_size: this data-parallel rank and how many there are.
@@ -108,7 +110,7 @@ class PackedLoader:
         if fim_rate > 0 and None in (tokenizer.fim_begin_id, tokenizer.fim_hole_id, tokenizer.fim_end_id):
             raise DscoderError(f"PackedLoader: fim_rate={fim_rate} needs a tokenizer with the FIM tokens; this one "
                                "lacks some (use fim_rate=0)")
-        paths, weights = _parse_sources(sources)
+        paths, weights, min_tokens = _parse_sources(sources)
 
         self.tokenizer = tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
@@ -116,7 +118,7 @@ class PackedLoader:
         self.fim_rate, self.spm_rate = float(fim_rate), float(spm_rate)
         self.sources: list[_Source] = []
         for i, path in enumerate(paths):
-            dataset = _open_build(i, path, world_size)
+            dataset = _open_build(i, path, world_size, min_tokens[i])
             self.sources.append(_Source(i, path, dataset, seed, rank, world_size))
         total = math.fsum(weights)
         self.weights = [w / total for w in weights]
@@ -263,32 +265,38 @@ def _check_rate(name: str, value: Any) -> None:
         raise DscoderError(f"PackedLoader: {name} must be a probability in [0, 1], got {value!r}")
 
 
-def _parse_sources(sources: Any) -> tuple[list[Path], list[float]]:
+def _parse_sources(sources: Any) -> tuple[list[Path], list[float], list[int]]:
     if isinstance(sources, (str, os.PathLike)):
-        return [Path(sources)], [1.0]
+        return [Path(sources)], [1.0], [0]
     if not isinstance(sources, Sequence) or not sources:
         raise DscoderError("PackedLoader: sources must be a build directory or a non-empty list of "
                            f"(build_directory, weight), got {sources!r}")
-    paths, weights = [], []
+    paths, weights, min_tokens = [], [], []
     for i, item in enumerate(sources):
-        if (not isinstance(item, (tuple, list)) or len(item) != 2
+        if (not isinstance(item, (tuple, list)) or len(item) not in (2, 3)
                 or not isinstance(item[0], (str, os.PathLike))):
-            raise DscoderError(f"PackedLoader: sources[{i}] must be a (build_directory, weight) pair, got {item!r}")
-        path, weight = item
+            raise DscoderError(f"PackedLoader: sources[{i}] must be a (build_directory, weight[, min_tokens]) "
+                               f"tuple, got {item!r}")
+        path, weight = item[0], item[1]
+        minimum = item[2] if len(item) == 3 else 0
+        if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
+            raise DscoderError(f"PackedLoader: sources[{i}] min_tokens must be an integer >= 0, got {minimum!r}")
         if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
                 or weight <= 0):
             raise DscoderError(f"PackedLoader: sources[{i}] weight must be a finite number > 0, got {weight!r}")
         paths.append(Path(path))
         weights.append(float(weight))
-    return paths, weights
+        min_tokens.append(minimum)
+    return paths, weights, min_tokens
 
 
-def _open_build(index: int, path: Path, world_size: int) -> TokenDataset:
+def _open_build(index: int, path: Path, world_size: int, min_tokens: int = 0) -> TokenDataset:
     if not path.is_dir():
         raise DscoderError(f"PackedLoader: sources[{index}]: {path} is not a directory (expected a build)")
-    dataset = TokenDataset(path)
+    dataset = TokenDataset(path, min_tokens=min_tokens)
     if len(dataset) == 0:
-        raise DscoderError(f"PackedLoader: sources[{index}]: {path} holds no documents")
+        raise DscoderError(f"PackedLoader: sources[{index}]: {path} holds no documents"
+                           + (f" of {min_tokens} tokens or more" if min_tokens else ""))
     if len(dataset) < world_size:
         raise DscoderError(f"PackedLoader: sources[{index}]: {path} holds {len(dataset)} documents, fewer than "
                            f"world_size={world_size} (every rank needs at least one per epoch)")

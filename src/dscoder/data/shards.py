@@ -59,9 +59,10 @@ class ShardWriter:
 
 
 class TokenDataset:
-    """All token shards under ``directory`` (a build dir or its ``tokens/``), in name order, as one document list."""
+    """All token shards under ``directory`` (a build dir or its ``tokens/``), in name order, as one document list;
+    with ``min_tokens``, only the documents at least that long (to upsample long documents in a mixture)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, min_tokens: int = 0):
         directory = Path(directory)
         token_dir = directory / "tokens" if (directory / "tokens").is_dir() else directory
         bins = sorted(token_dir.glob("*.bin"))
@@ -82,9 +83,13 @@ class TokenDataset:
             self._offsets.append(offsets)
         counts = [len(o) - 1 for o in self._offsets]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._index = None
+        if min_tokens > 0:
+            lengths = np.concatenate([np.diff(o) for o in self._offsets])
+            self._index = np.flatnonzero(lengths >= min_tokens)
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return int(self._starts[-1]) if self._index is None else len(self._index)
 
     @property
     def n_tokens(self) -> int:
@@ -93,6 +98,8 @@ class TokenDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < len(self):
             raise IndexError(i)
+        if self._index is not None:
+            i = int(self._index[i])
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         j = i - int(self._starts[shard])
         offsets = self._offsets[shard]

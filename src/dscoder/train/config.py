@@ -30,7 +30,8 @@ class ModelSection:
 @dataclass
 class DataSection:
     path: str | None = None
-    sources: list[dict[str, Any]] = field(default_factory=list)  # [{path, weight}] for a mixture
+    # a mixture: [{path, weight, min_tokens}]; min_tokens keeps only long documents (upsampling them)
+    sources: list[dict[str, Any]] = field(default_factory=list)
     seq_len: int = 256
     fim_rate: float = 0.5
     spm_rate: float = 0.0
@@ -143,8 +144,8 @@ class TrainConfig:
         need(d.shard in ("documents", "rows"), "data.shard", "expected 'documents' or 'rows'")
         need(bool(d.path) != bool(d.sources), "data.path", "give data.path or data.sources (a mixture), not both")
         for i, s in enumerate(d.sources):
-            need(isinstance(s, dict) and set(s) <= {"path", "weight"} and "path" in s, f"data.sources[{i}]",
-                 "expected {path = ..., weight = ...}")
+            need(isinstance(s, dict) and set(s) <= {"path", "weight", "min_tokens"} and "path" in s,
+                 f"data.sources[{i}]", "expected {path = ..., weight = ..., min_tokens = ...}")
         need(self.parallel.strategy in ("none", "ddp", "fsdp"), "parallel.strategy", "expected none, ddp or fsdp")
         need(self.parallel.ep == 1, "parallel.ep", "expert parallelism is not implemented yet; use 1")
         need(bool(self.model.preset) != bool(self.model.init), "model.preset",

@@ -129,12 +129,12 @@ def _inner(model: torch.nn.Module):
 
 
 # ----- data ------------------------------------------------------------------------------------------------------
-def data_sources(config: TrainConfig) -> list[tuple[str, float]]:
+def data_sources(config: TrainConfig) -> list[tuple[str, float, int]]:
     if config.data.path:
-        sources = [(config.data.path, 1.0)]
+        sources = [(config.data.path, 1.0, 0)]
     else:
-        sources = [(s["path"], float(s.get("weight", 1.0))) for s in config.data.sources]
-    for path, _ in sources:
+        sources = [(s["path"], float(s.get("weight", 1.0)), int(s.get("min_tokens", 0))) for s in config.data.sources]
+    for path, *_ in sources:
         p = Path(path)
         if not (p / "tokens").is_dir() or not (p / "tokenizer").is_dir():
             raise DscoderError(f"{path}: not a `dscoder data build` output (needs tokens/ and tokenizer/)")
