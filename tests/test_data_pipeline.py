@@ -145,3 +145,16 @@ def test_parquet_text_build_without_code_rules_and_tokenizer_cli(tmp_path, capsy
     assert Tokenizer.load(tmp_path / "tok").vocab_size == 280
     assert main(["tokenizer", "train", "--data", str(tmp_path), "--out", str(tmp_path / "t2")]) == 2
     assert "no documents/" in capsys.readouterr().err
+
+
+def test_cluster_executors_are_chained_stages(tmp_path):
+    """Slurm jobs are built (not submitted): one per stage, each depending on the previous."""
+    from dscoder.data.pipeline import STAGES, make_executors
+
+    config = BuildConfig(sources=[str(tmp_path)], out=str(tmp_path / "out"), tasks=6)
+    executors = make_executors(config, "slurm", slurm={"partition": "cpu", "time": "1:00:00"})
+    assert [type(e).__name__ for e in executors] == ["SlurmPipelineExecutor"] * len(STAGES)
+    assert [e.tasks for e in executors] == [6, 1, 1, 6, 1]
+    assert all(b.depends is a for a, b in zip(executors, executors[1:]))
+    with pytest.raises(DscoderError, match="unknown executor 'spark'"):
+        make_executors(config, "spark")
