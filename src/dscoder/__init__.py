@@ -60,5 +60,8 @@ def save_model(model: DeepseekV2, directory: str | Path, dtype: torch.dtype | st
     return save_checkpoint(model, directory, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
-__all__ = ["CheckpointError", "ConfigError", "DeepseekV2", "DscoderError", "MLACache", "ModelConfig", "ModelOutput",
+from dscoder.engine import Engine  # noqa: E402  (last: the engine builds on load_model above)
+
+__all__ = ["CheckpointError", "ConfigError", "DeepseekV2", "DscoderError", "Engine", "MLACache", "ModelConfig",
+           "ModelOutput",
            "build_model", "load_model", "save_model"]

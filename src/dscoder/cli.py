@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--dtype", choices=["float32", "bfloat16"], help="stored dtype (default: float32)")
     ex.set_defaults(func=export_checkpoint)
+
+    from dscoder.engine.cli import register as register_engine
+
+    register_engine(sub)  # generate, infill, chat, serve
     return parser
 
 

@@ -50,6 +50,14 @@ class MLACache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def rows(self, n: int) -> MLACache:
+        """A view over the first ``n`` batch rows (writes land in this cache), e.g. to skip empty engine slots."""
+        if n == self.kv.shape[1]:
+            return self
+        view = object.__new__(MLACache)
+        view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:, :n]
+        return view
+
 
 class MLA(nn.Module):
     """Multi-head Latent Attention with decoupled RoPE. Module names follow the HF checkpoint keys."""

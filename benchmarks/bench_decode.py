@@ -1,0 +1,119 @@
+"""Decode speed and KV-cache size: dscoder's Engine against transformers' ``generate`` on the same checkpoint.
+
+One run, same random weights (the ``bench_model.py`` shapes), same prompts, greedy, the same number of new tokens.
+Decode tokens/s = (generate N tokens - generate 1 token) / (N - 1) steps x batch, so prefill is left out of both.
+Cache bytes per token: ours from the latent cache (``model.kv_bytes_per_token``), transformers' measured on the
+cache its ``generate`` returns; and the formula for the Lite shapes.
+
+    python benchmarks/bench_decode.py [--prompt 128 --new 64 --batches 1 8 --dtype float32 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_model import CONFIG  # noqa: E402
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _hf_cache_bytes(model, ids, mask) -> float:
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                         return_dict_in_generate=True, pad_token_id=0)
+    cache = out.cache if "cache" in out else out.past_key_values  # transformers 5 renamed the field
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+    tokens = ids.shape[0] * (out.sequences.shape[1] - 1)  # the last token is never cached
+    return total / tokens
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per row")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    import dscoder
+    from dscoder.engine import Engine
+
+    dtype = getattr(torch, args.dtype)
+    config = dscoder.ModelConfig(**CONFIG)
+    with tempfile.TemporaryDirectory() as tmp:
+        dscoder.save_model(dscoder.build_model(config, seed=0), tmp)
+        hf = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+        engine = Engine(tmp, dtype=dtype, max_batch_size=max(args.batches), max_len=args.prompt + args.new + 8,
+                        sync_every=16)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.dtype}, prompt {args.prompt}, new tokens {args.new}, hidden {CONFIG['hidden_size']}, "
+          f"{CONFIG['num_hidden_layers']} layers, {CONFIG['n_routed_experts']} experts top-"
+          f"{CONFIG['num_experts_per_tok']}")
+    for batch in args.batches:
+        ids = torch.randint(2, CONFIG["vocab_size"], (batch, args.prompt), generator=g)
+        mask = torch.ones_like(ids)
+        prompts = ids.tolist()
+
+        def ours(n):
+            out = engine.generate(prompts, max_tokens=n, ignore_eos=True)
+            assert all(len(r.token_ids) == n for r in out)
+            return out
+
+        def theirs(n):
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=0)
+
+        ours(2), theirs(2)  # warm up
+        same = [r.token_ids for r in ours(args.new)] == theirs(args.new)[:, args.prompt:].tolist()
+        result = {}
+        for name, fn in (("dscoder", ours), ("transformers", theirs)):
+            full, one = _best(lambda: fn(args.new), args.repeats), _best(lambda: fn(1), args.repeats)
+            result[name] = batch * (args.new - 1) / max(full - one, 1e-9)
+        rows.append((batch, result["dscoder"], result["transformers"], same))
+
+    with torch.inference_mode():
+        ids = torch.randint(2, CONFIG["vocab_size"], (1, args.prompt), generator=g)
+        hf_bytes = _hf_cache_bytes(hf, ids, torch.ones_like(ids))
+    ours_bytes = engine.model.kv_bytes_per_token(dtype)
+    lite = dscoder.load_model("deepseek-coder-v2-lite", device="meta")
+    lite_ours, lite_full = lite.kv_bytes_per_token(torch.bfloat16), lite.kv_bytes_per_token(torch.bfloat16, True)
+
+    print(f"\n{'batch':>5} {'dscoder tok/s':>14} {'transformers tok/s':>19} {'ratio':>7}  same greedy tokens")
+    for batch, ours_tps, theirs_tps, same in rows:
+        print(f"{batch:>5} {ours_tps:>14.1f} {theirs_tps:>19.1f} {ours_tps / theirs_tps:>6.2f}x  {same}")
+    print(f"\nKV cache bytes/token ({args.dtype}, this model): dscoder {ours_bytes:,} (latent), transformers "
+          f"{hf_bytes:,.0f} (measured on its generate cache) -> {hf_bytes / ours_bytes:.1f}x smaller, expanded K/V "
+          f"{engine.model.kv_bytes_per_token(dtype, expanded=True):,}")
+    print(f"KV cache bytes/token (bf16, DeepSeek-Coder-V2-Lite shapes): dscoder {lite_ours:,}, expanded "
+          f"{lite_full:,} -> {lite_full / lite_ours:.1f}x smaller")
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

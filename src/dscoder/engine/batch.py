@@ -1,0 +1,340 @@
+"""Continuous batching over one preallocated latent cache.
+
+Shape legend: B slots (rows of the cache), S cache positions, V vocabulary, N prompt tokens.
+
+The cache ``[layers, B, S, C + R]`` has a shared write cursor: every decode step writes all rows at position
+``cursor`` (the model takes one ``start_pos``), and each row keeps its own RoPE positions (``pos``) and a mask
+row ``mask[b, :]`` marking which cache entries belong to its sequence. Cached keys carry their rotation, so an
+entry can sit at any cache index: a joining request is prefilled alone (expanded path, left-padded with the
+others that join with it) into a scratch cache and copied into its row just before the cursor. When the cursor
+reaches the end, rows are compacted (their entries gathered to the right end) and decoding goes on.
+
+Decode runs ``sync_every`` steps between host syncs (one step when a request streams); requests join and leave
+at those syncs. A row that finished inside a block decodes garbage until the sync, which is then ignored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dscoder.engine.sampling import Needs, RowParams, SamplingParams, sample
+from dscoder.model import MLACache
+
+_ids = itertools.count()
+
+
+@dataclass
+class Completion:
+    """A finished request: ``finish_reason`` is ``"stop"`` (eos, stop token or stop string), ``"length"``
+    (max_tokens or the context) or ``"cancelled"``. ``token_ids`` are all generated ids (a final eos or stop token
+    included); ``text`` is their decoding without special tokens, cut before a stop string.
+    ``logprobs[i]`` is token i's log-probability and ``top_logprobs[i]`` maps token ids to log-probabilities."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Sequence:
+    """One request's state. ``on_update(seq, delta_text, new_token_ids, finished)`` runs on the engine thread."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, max_len: int, eos_id: int | None,
+                 tokenizer=None, on_update: Callable | None = None):
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.on_update = on_update
+        self.max_new = min(params.max_tokens, max_len - len(self.prompt_ids))
+        self.stop_ids = set(params.stop_token_ids)
+        if eos_id is not None and not params.ignore_eos:
+            self.stop_ids.add(eos_id)
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if params.logprobs is not None else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if params.logprobs else None
+        self.text = ""
+        self._emitted = 0  # characters already handed to on_update
+        self._pending_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int, logprob: float | None = None, top: dict[int, float] | None = None) -> None:
+        """Append one sampled token and decide whether the sequence ends."""
+        self.token_ids.append(token)
+        self._pending_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        if self.top_logprobs is not None:
+            self.top_logprobs.append(top or {})
+        if token in self.stop_ids:
+            self.finish("stop")
+            return
+        if self._check_stop_strings():
+            return
+        if len(self.token_ids) >= self.max_new:
+            self.finish("length")
+
+    def _decode(self) -> str:
+        if self.tokenizer is None:
+            return ""
+        ids = self.token_ids[:-1] if self.token_ids and self.token_ids[-1] in self.stop_ids else self.token_ids
+        return self.tokenizer.decode(ids, skip_special=True)
+
+    def _check_stop_strings(self) -> bool:
+        if not self.params.stop:
+            return False
+        text = self._decode()
+        found = [i for i in (text.find(s, max(0, self._emitted - len(s))) for s in self.params.stop) if i >= 0]
+        if found:
+            self.finish("stop", text=text[: min(found)])
+            return True
+        self.text = text
+        return False
+
+    def stream_delta(self) -> tuple[str, list[int]]:
+        """Text that can be shown now: hold back a partial UTF-8 character and a possible stop-string start."""
+        text = self.text
+        if not self.finished:
+            text = text.rstrip("\ufffd")
+            for s in self.params.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        text = text[:-k]
+                        break
+        delta = text[self._emitted:] if len(text) > self._emitted else ""
+        self._emitted = max(self._emitted, len(text))
+        ids, self._pending_ids = self._pending_ids, []
+        return delta, ids
+
+    def notify(self) -> None:
+        if self.on_update is not None:
+            if not self.finished and not self.params.stop:
+                self.text = self._decode()
+            delta, ids = self.stream_delta()
+            if delta or ids or self.finished:
+                self.on_update(self, delta, ids, self.finished)
+
+    def finish(self, reason: str, error: BaseException | None = None, text: str | None = None) -> None:
+        if self.finished:
+            return
+        self.text = text if text is not None else self._decode()
+        self.finish_reason = reason
+        self.error = error
+
+    def result(self) -> Completion:
+        return Completion(self.text, list(self.token_ids), len(self.prompt_ids), self.finish_reason or "length",
+                          self.logprobs, self.top_logprobs)
+
+
+class Scheduler:
+    """Slots over one :class:`MLACache`; :meth:`step` admits waiting requests and decodes a block of tokens."""
+
+    def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, sync_every: int = 8, pad_id: int = 0,
+                 decode_fn: Callable | None = None):
+        p = next(model.parameters())
+        self.model, self.device, self.dtype = model, p.device, p.dtype
+        self.max_batch, self.max_len, self.sync_every, self.pad_id = max_batch, max_len, sync_every, pad_id
+        self.decode_fn = decode_fn or model
+        cfg = model.config
+        self.cache = MLACache(cfg, max_batch, max_len, dtype=self.dtype, device=self.device)
+        dev = self.device
+        self.mask = torch.zeros(max_batch, max_len, dtype=torch.bool, device=dev)  # entry belongs to the row
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=dev)  # RoPE position of the next input
+        self.steps = torch.zeros(max_batch, dtype=torch.long, device=dev)  # tokens sampled so far (noise counter)
+        self.last = torch.zeros(max_batch, dtype=torch.long, device=dev)  # last sampled token = next input
+        self.rows = RowParams.empty(max_batch, dev)
+        self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=dev)
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.cursor = 0
+        self.waiting: deque[Sequence] = deque()
+
+    # ----- bookkeeping ----------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    @property
+    def active(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None]
+
+    def _release(self, slot: int) -> None:
+        seq = self.slots[slot]
+        self.slots[slot] = None
+        if seq is not None:
+            seq.notify()
+            seq.done.set()
+
+    def _end(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
+        seq.finish(reason, error)
+        seq.notify()
+        seq.done.set()
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every request with ``error`` (the engine thread's last resort) and reset the cache state."""
+        for i in self.active:
+            self.slots[i].finish("error", error)
+            self._release(i)
+        while self.waiting:
+            self._end(self.waiting.popleft(), "error", error)
+        self.mask.zero_()
+        self.cursor = 0
+
+    # ----- one scheduling step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        for i in self.active:
+            if self.slots[i].cancelled:
+                self.slots[i].finish("cancelled")
+                self._release(i)
+        if not self.active:
+            self.cursor = 0
+            self.mask.zero_()
+        self._admit()
+        if self.active:
+            self._decode_block()
+
+    def _admit(self) -> None:
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        take: list[Sequence] = []
+        longest = 0
+        while self.waiting and len(take) < len(free):
+            seq = self.waiting[0]
+            if seq.cancelled or seq.max_new <= 0:
+                self.waiting.popleft()
+                self._end(seq, "cancelled" if seq.cancelled else "length")
+                continue
+            n = max(longest, len(seq.prompt_ids))
+            if max(self.cursor, n) >= self.max_len:
+                self._compact()
+                if max(self.cursor, n) >= self.max_len:
+                    break
+            take.append(self.waiting.popleft())
+            longest = n
+        if take:
+            self._prefill(take, free[: len(take)])
+
+    def _prefill(self, seqs: list[Sequence], slots: list[int]) -> None:
+        """Left-padded prefill of the joining requests (expanded path) into a scratch cache, then into their rows."""
+        k, N = len(seqs), max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((k, N), self.pad_id, dtype=torch.long)
+        am = torch.zeros(k, N, dtype=torch.bool)
+        for j, s in enumerate(seqs):
+            ids[j, N - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            am[j, N - len(s.prompt_ids):] = True
+        ids, am = ids.to(self.device), am.to(self.device)
+        pos = (am.long().cumsum(1) - 1).clamp(min=0)
+        scratch = MLACache(self.model.config, k, N, dtype=self.dtype, device=self.device)
+        logits = self.model(ids, attention_mask=None if bool(am.all()) else am, position_ids=pos, cache=scratch,
+                            logits_to_keep=1).logits[:, -1]
+        end = max(self.cursor, N)
+        rows = torch.tensor(slots, device=self.device)
+        self.cache.kv[:, rows, end - N:end] = scratch.kv
+        self.mask[rows] = False
+        self.mask[rows, end - N:end] = am
+        self.cursor = end
+        self.pos[rows] = am.sum(1)
+        self.steps[rows] = 0
+        self.seen[rows] = False
+        needs = Needs.of([s.params for s in seqs])
+        for j, (s, slot) in enumerate(zip(seqs, slots)):
+            self.slots[slot] = s
+            self.rows.set_row(slot, s.params)
+            if needs.penalty:
+                self.seen[slot, torch.tensor(s.prompt_ids, device=self.device)] = True
+        token, lp, top_ids, top_lp = sample(logits, self.rows.index(rows), self.steps[rows], needs, self.seen[rows])
+        self._advance(rows, token, needs)
+        self._deliver(slots, [token], [lp], [top_ids], [top_lp])
+
+    def _advance(self, rows, token, needs: Needs) -> None:
+        self.last[rows] = token
+        self.steps[rows] += 1
+        if needs.penalty:
+            self.seen[rows] = self.seen[rows].scatter(1, token[:, None], True)
+
+    def _decode_block(self) -> None:
+        active = self.active
+        seqs = [self.slots[i] for i in active]
+        n_steps = 1 if any(s.params.stream for s in seqs) else self.sync_every
+        n_steps = min(n_steps, max(s.max_new - len(s.token_ids) for s in seqs))
+        if self.cursor + n_steps > self.max_len:
+            self._compact()
+            n_steps = min(n_steps, self.max_len - self.cursor)
+        nb = active[-1] + 1  # decode the slot prefix that holds every active row
+        view = self.cache.rows(nb)
+        live = torch.zeros(nb, dtype=torch.bool, device=self.device)
+        live[torch.tensor(active, device=self.device)] = True
+        needs = Needs.of([s.params for s in seqs])
+        rows = torch.arange(nb, device=self.device)
+        row_params = self.rows.index(rows)
+        toks, lps, tids, tlps = [], [], [], []
+        for _ in range(n_steps):
+            self.mask[:nb, self.cursor] = live
+            logits = self.decode_fn(self.last[:nb, None], attention_mask=self.mask[:nb, : self.cursor + 1],
+                                    position_ids=self.pos[:nb, None], cache=view,
+                                    start_pos=self.cursor).logits[:, -1]
+            token, lp, top_ids, top_lp = sample(logits, row_params, self.steps[:nb], needs,
+                                                self.seen[:nb] if needs.penalty else None)
+            self._advance(rows, token, needs)
+            self.pos[:nb] += 1
+            self.cursor += 1
+            toks.append(token), lps.append(lp), tids.append(top_ids), tlps.append(top_lp)
+        self._deliver(list(range(nb)), toks, lps, tids, tlps)
+
+    def _deliver(self, slots: list[int], toks, lps, tids, tlps) -> None:
+        """The one host sync of a block: hand each row's tokens to its sequence, free the finished rows."""
+        tok_SB = torch.stack(toks).tolist()
+        lp_SB = torch.stack(lps).tolist() if lps[0] is not None else None
+        tid_SBK = torch.stack(tids).tolist() if tids[0] is not None else None
+        tlp_SBK = torch.stack(tlps).tolist() if tlps[0] is not None else None
+        for j, slot in enumerate(slots):
+            seq = self.slots[slot]
+            if seq is None:
+                continue
+            for s in range(len(tok_SB)):
+                if seq.finished:
+                    break
+                top = None
+                if tid_SBK is not None and seq.params.logprobs:
+                    n = seq.params.logprobs
+                    top = dict(zip(tid_SBK[s][j][:n], tlp_SBK[s][j][:n]))
+                seq.push(tok_SB[s][j], lp_SB[s][j] if lp_SB is not None else None, top)
+            if seq.finished:
+                self._release(slot)
+            else:
+                seq.notify()
+
+    def _compact(self) -> None:
+        """Gather each active row's entries to the right end of a shorter prefix; the cursor moves back."""
+        active = self.active
+        counts = self.mask.sum(1).tolist()
+        new_cursor = max((counts[i] for i in active), default=0)
+        for i in active:
+            idx = self.mask[i].nonzero()[:, 0]
+            entries = self.cache.kv[:, i, idx].clone()
+            self.mask[i] = False
+            self.cache.kv[:, i, new_cursor - len(idx):new_cursor] = entries
+            self.mask[i, new_cursor - len(idx):new_cursor] = True
+        if not active:
+            self.mask.zero_()
+        self.cursor = new_cursor

@@ -1,0 +1,145 @@
+"""``dscoder generate | infill | chat | serve``: :func:`register` adds them to the ``dscoder`` parser."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dscoder.errors import DscoderError
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with its tokenizer)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens whatever the model says")
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+                ignore_eos=args.ignore_eos)
+
+
+def _engine(args, **kw):
+    from dscoder.engine import Engine
+
+    engine = Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, **kw)
+    if engine.tokenizer is None:
+        raise DscoderError(f"{args.model}: no tokenizer.json in the checkpoint; pass --tokenizer DIR")
+    return engine
+
+
+def _print_stream(chunks) -> str | None:
+    reason = None
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        reason = chunk.finish_reason or reason
+    sys.stdout.write("\n")
+    return reason
+
+
+def generate(args) -> int:
+    with _engine(args) as engine:
+        params = _sampling(args)
+        if args.no_stream or len(args.prompt) > 1:
+            for r in engine.generate(list(args.prompt), **params):
+                print(r.text)
+        else:
+            _print_stream(engine.stream(args.prompt[0], **params))
+    return 0
+
+
+def infill(args) -> int:
+    with _engine(args) as engine:
+        _print_stream(engine.stream(prefix=args.prefix, suffix=args.suffix, **_sampling(args)))
+    return 0
+
+
+def chat(args) -> int:
+    with _engine(args) as engine:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        print("dscoder chat: an empty line or Ctrl-D ends the session", file=sys.stderr)
+        while True:
+            try:
+                line = input("User: ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            sys.stdout.write("Assistant: ")
+            text = []
+            for chunk in engine.stream(messages=messages, **_sampling(args)):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                text.append(chunk.text)
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(text).lstrip()})
+    return 0
+
+
+def serve(args) -> int:
+    from dscoder.serve import Limits
+    from dscoder.serve import serve as run_server
+
+    if not 0 < args.port < 65536:
+        raise DscoderError(f"--port: expected 1..65535, got {args.port}")
+    engine = _engine(args, max_batch_size=args.max_batch, max_len=args.max_len)
+    limits = Limits(max_tokens=args.max_tokens_cap, max_concurrent=args.max_concurrent)
+    try:
+        run_server(engine, host=args.host, port=args.port, model_name=args.model_name or args.model,
+                   api_key=args.api_key, limits=limits)
+    finally:
+        engine.close()
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``generate``, ``infill``, ``chat`` and ``serve`` to the ``dscoder`` subcommands."""
+    g = subparsers.add_parser("generate", help="complete prompts with a checkpoint",
+                              description="Complete one or more prompts (streams when given one).")
+    g.add_argument("prompt", nargs="+", help="prompt text")
+    _sampling_args(g)
+    g.add_argument("--no-stream", action="store_true", help="print the completion when it is done")
+    g.set_defaults(func=generate)
+
+    f = subparsers.add_parser("infill", help="fill in the middle between a prefix and a suffix",
+                              description="Fill-in-the-middle with DeepSeek's template "
+                                          "<｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>.")
+    f.add_argument("--prefix", required=True)
+    f.add_argument("--suffix", default="")
+    _sampling_args(f)
+    f.set_defaults(func=infill)
+
+    c = subparsers.add_parser("chat", help="interactive chat (streaming)",
+                              description="Chat with an instruct checkpoint in the DeepSeek-Coder-V2 template.")
+    c.add_argument("--system", help="system prompt")
+    _sampling_args(c)
+    c.set_defaults(func=chat)
+
+    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
+                              description="Serve /v1/completions (with suffix for FIM), /v1/chat/completions, "
+                                          "/infill, /v1/models and /health over FastAPI + uvicorn.")
+    s.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with its tokenizer)")
+    s.add_argument("--tokenizer", metavar="DIR")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--model-name", help="the model id clients send (default: --model)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-len", type=int, help="context in tokens: prompt + output (default: min(model, 4096))")
+    s.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
+    s.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429")
+    s.set_defaults(func=serve)

@@ -1,0 +1,233 @@
+"""The inference engine: a model, its tokenizer and a background thread running the continuous-batching scheduler.
+
+    engine = Engine("path/to/checkpoint")                       # or a DeepseekV2 model and a Tokenizer
+    engine.generate("def fib(n):", max_tokens=64).text
+    engine.generate(["a", "b"], temperature=0.8, top_p=0.95, seed=1)   # a list in, a list of Completions out
+    engine.infill("def f(x):\\n    ", "\\n    return y")             # DeepSeek's FIM template
+    engine.chat([{"role": "user", "content": "Write quicksort"}])
+    for chunk in engine.stream("import os"): print(chunk.text, end="")
+
+Every public call is thread-safe: requests from many threads (the server's) join the same batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dscoder.engine.batch import Completion, Scheduler, Sequence
+from dscoder.engine.sampling import SamplingParams
+from dscoder.errors import DscoderError
+
+_SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
+                  "stop_token_ids", "ignore_eos", "logprobs"}
+
+
+@dataclass
+class StreamChunk:
+    """A piece of a streamed completion: new ``text`` and ``token_ids``; ``finish_reason`` set on the last one."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Generation over the latent cache with continuous batching.
+
+    ``source``: a checkpoint directory (its tokenizer is loaded from it when present), a preset name (random
+    weights), or a :class:`~dscoder.DeepseekV2`. ``max_batch_size`` rows decode together; ``max_len`` (default:
+    the model's context, at most 4096) bounds prompt + output and sizes the cache. ``sync_every`` decode steps run
+    between host syncs (streamed requests sync every step). ``compile`` wraps the decode step in ``torch.compile``.
+    """
+
+    def __init__(self, source, tokenizer=None, *, dtype: torch.dtype | str | None = None,
+                 device: torch.device | str = "cpu", max_batch_size: int = 8, max_len: int | None = None,
+                 sync_every: int = 8, compile: bool = False):
+        import dscoder
+        from dscoder.model import DeepseekV2
+        from dscoder.model.checkpoint import parse_dtype
+        from dscoder.tokenizer import Tokenizer
+
+        if isinstance(source, DeepseekV2):
+            model = source.eval()
+            if dtype is not None:
+                model = model.to(parse_dtype(dtype))
+        else:
+            model = dscoder.load_model(source, dtype=dtype, device=device)
+            if tokenizer is None and isinstance(source, (str, Path)) and (Path(source) / "tokenizer.json").is_file():
+                tokenizer = Tokenizer.load(source)
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = Tokenizer.load(tokenizer)
+        for name, value in (("max_batch_size", max_batch_size), ("sync_every", sync_every)):
+            if not isinstance(value, int) or value < 1:
+                raise DscoderError(f"{name}: expected an integer >= 1, got {value!r}")
+        context = model.config.max_position_embeddings
+        max_len = min(context, 4096) if max_len is None else max_len
+        if not isinstance(max_len, int) or not 2 <= max_len <= context:
+            raise DscoderError(f"max_len: expected an integer in [2, {context}] (the model's context), got {max_len!r}")
+        self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
+        pad = tokenizer.pad_id if tokenizer is not None else (self.eos_id or 0)
+        decode_fn = torch.compile(model, dynamic=True) if compile else None
+        self.scheduler = Scheduler(model, max_batch=max_batch_size, max_len=max_len, sync_every=sync_every,
+                                   pad_id=pad, decode_fn=decode_fn)
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ----- prompts --------------------------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise DscoderError("this engine has no tokenizer: pass tokenizer= (a directory or a Tokenizer), "
+                               "or give prompts as lists of token ids")
+        return self.tokenizer
+
+    def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
+        """Token ids of a text prompt (bos first when the tokenizer adds one) or a list of ids as given."""
+        if isinstance(prompt, str):
+            tok = self._need_tokenizer()
+            return tok.encode(prompt, add_bos=tok.add_bos_token)
+        ids = list(prompt)
+        vocab = self.model.config.vocab_size
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+            raise DscoderError(f"a prompt must be a string or a non-empty list of token ids in [0, {vocab})")
+        return ids
+
+    def fim_ids(self, prefix: str, suffix: str) -> list[int]:
+        """``bos <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>``: prefix and suffix encoded as plain text."""
+        tok = self._need_tokenizer()
+        if not isinstance(prefix, str) or not isinstance(suffix, str):
+            raise DscoderError("infill: prefix and suffix must be strings")
+        tok.fim_prompt("", "")  # raises a clear error when the tokenizer has no FIM tokens
+        head = [tok.bos_id] if tok.add_bos_token else []
+        return [*head, tok.fim_begin_id, *tok.encode(prefix), tok.fim_hole_id, *tok.encode(suffix), tok.fim_end_id]
+
+    def chat_ids(self, messages: Seq[Mapping[str, Any]]) -> list[int]:
+        """The DeepSeek-Coder-V2 chat prompt, ending in ``Assistant:`` (no trailing space)."""
+        tok = self._need_tokenizer()
+        # Encoded as one string, as transformers' apply_chat_template + encode does (segment-wise encoding would
+        # split whitespace differently); a special-token string inside a message becomes a control token there too.
+        return tok.encode(tok.apply_chat_template(messages), allow_special=True)
+
+    # ----- requests -------------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_update=None) -> Sequence:
+        """Queue one request; ``on_update(seq, delta_text, new_ids, finished)`` runs on the engine thread."""
+        self._check_length(prompt_ids)
+        if self._closed:
+            raise DscoderError("the engine is closed")
+        seq = Sequence(prompt_ids, params, self.max_len, self.eos_id, self.tokenizer, on_update)
+        with self._cv:
+            self.scheduler.add(seq)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="dscoder-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return seq
+
+    def _check_length(self, prompt_ids: list[int]) -> None:
+        if len(prompt_ids) >= self.max_len:
+            raise DscoderError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len} "
+                               f"(prompt + at least 1 generated token)")
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self.scheduler.has_work():
+                    self._cv.wait()
+                if self._closed:
+                    self.scheduler.fail_all(DscoderError("the engine was closed"))
+                    return
+            try:
+                self.scheduler.step()
+            except Exception as e:  # a model failure ends the requests in flight, not the engine
+                self.scheduler.fail_all(e)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @staticmethod
+    def _wait(seq: Sequence) -> Completion:
+        seq.done.wait()
+        if seq.error is not None:
+            raise seq.error if isinstance(seq.error, DscoderError) else RuntimeError(f"generation failed: {seq.error}")
+        return seq.result()
+
+    @staticmethod
+    def params(**kwargs) -> SamplingParams:
+        unknown = set(kwargs) - _SAMPLING_KEYS
+        if unknown:
+            raise DscoderError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        return SamplingParams(**kwargs)
+
+    # ----- public API -----------------------------------------------------------------------------------------
+    def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]], **sampling) -> Completion | list[Completion]:
+        """Complete one prompt (a string or a list of ids → a :class:`Completion`) or a list of them (→ a list).
+
+        Sampling options: ``max_tokens=128, temperature=0.0 (greedy), top_p=1.0, top_k=0, repetition_penalty=1.0,
+        seed=None, stop=(), stop_token_ids=(), ignore_eos=False, logprobs=None``. With a seed, a prompt list gives
+        every prompt the same seed."""
+        single = isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            return []
+        params = self.params(**sampling)
+        encoded = [self.encode_prompt(p) for p in batch]
+        for ids in encoded:  # check every prompt before queueing any
+            self._check_length(ids)
+        seqs = [self.submit(ids, params) for ids in encoded]
+        results = [self._wait(s) for s in seqs]
+        return results[0] if single else results
+
+    def infill(self, prefix: str, suffix: str, **sampling) -> Completion:
+        """The middle between ``prefix`` and ``suffix`` (fill-in-the-middle, DeepSeek's PSM template)."""
+        return self._wait(self.submit(self.fim_ids(prefix, suffix), self.params(**sampling)))
+
+    def chat(self, messages: Seq[Mapping[str, Any]], **sampling) -> Completion:
+        """The assistant's reply to ``messages`` ([{"role": "system"|"user"|"assistant", "content": str}])."""
+        return self._wait(self.submit(self.chat_ids(messages), self.params(**sampling)))
+
+    def stream(self, prompt: str | Seq[int] | None = None, *, messages=None, prefix: str | None = None,
+               suffix: str | None = None, **sampling) -> Iterator[StreamChunk]:
+        """Stream one completion: give ``prompt``, or ``messages`` (chat), or ``prefix`` and ``suffix`` (infill).
+        Closing the iterator early cancels the request."""
+        if messages is not None:
+            ids = self.chat_ids(messages)
+        elif prefix is not None or suffix is not None:
+            ids = self.fim_ids(prefix or "", suffix or "")
+        else:
+            ids = self.encode_prompt(prompt)
+        params = dataclasses.replace(self.params(**sampling), stream=True)
+        chunks: queue.Queue = queue.Queue()
+        seq = self.submit(ids, params, on_update=lambda s, text, new, done: chunks.put(
+            StreamChunk(text, new, s.finish_reason if done else None)))
+        return self._iterate(seq, chunks)
+
+    def _iterate(self, seq: Sequence, chunks: queue.Queue) -> Iterator[StreamChunk]:
+        try:
+            while True:
+                chunk = chunks.get()
+                if chunk.finish_reason == "error":
+                    self._wait(seq)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,277 @@
+"""The inference engine: greedy decoding against full-sequence argmax, batching, continuous batching, sampling,
+stop conditions, FIM and chat prompts, streaming, errors and the CLI commands."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+
+import dscoder
+from dscoder.engine import Engine, SamplingParams, Scheduler, Sequence
+from dscoder.engine.cli import register
+from dscoder.engine.sampling import Needs, RowParams, apply_repetition_penalty, sample
+from dscoder.errors import DscoderError
+from dscoder.tokenizer import Tokenizer
+
+WORDS = ["def", "return", "import", "class", "self", "for", "in", "range", "print", "if", "else", "while", "x", "y"]
+PROMPTS = ["def f(x):", "import os\nclass A(object):\n    def run(self", "x"]
+
+
+def make_checkpoint(path):
+    """The tiny preset (vocabulary cut to the tokenizer's), weights scaled for O(1) logits, and a trained BPE."""
+    texts = [f"def f{i}(x):\n    return x * {i} + {WORDS[i % len(WORDS)]}\n" for i in range(300)]
+    tok = Tokenizer.train(texts, vocab_size=400)
+    config = dscoder.ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size)
+    model = dscoder.build_model(config, seed=0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    dscoder.save_model(model, path)
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    with Engine(ckpt, max_batch_size=4, max_len=128) as e:
+        yield e
+
+
+def reference_greedy(model, ids, n):
+    """Argmax over full-sequence logits, one token at a time, no cache."""
+    seq, logprobs = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            seq.append(int(logits.argmax()))
+            logprobs.append(float(torch.log_softmax(logits, -1)[seq[-1]]))
+    return seq[len(ids):], logprobs
+
+
+def test_greedy_equals_full_sequence_argmax(engine):
+    for prompt in PROMPTS[:2]:
+        ids = engine.encode_prompt(prompt)
+        out = engine.generate(prompt, max_tokens=24, ignore_eos=True, logprobs=0)
+        want, want_lp = reference_greedy(engine.model, ids, 24)
+        assert out.token_ids == want and out.finish_reason == "length" and out.prompt_tokens == len(ids)
+        assert max(abs(a - b) for a, b in zip(out.logprobs, want_lp)) < 1e-4
+        assert out.text == engine.tokenizer.decode(want, skip_special=True) and out.text
+
+
+def test_batched_different_lengths_equal_one_by_one(engine):
+    batched = engine.generate(PROMPTS, max_tokens=16, ignore_eos=True)
+    alone = [engine.generate(p, max_tokens=16, ignore_eos=True) for p in PROMPTS]
+    assert len({len(engine.encode_prompt(p)) for p in PROMPTS}) == 3
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert all(len(r.token_ids) == 16 for r in batched)
+
+
+def _run(scheduler, seqs_by_step):
+    """Step ``scheduler``; before step k add the sequences of ``seqs_by_step[k]``."""
+    k = 0
+    while scheduler.has_work() or k < len(seqs_by_step):
+        for s in seqs_by_step[k] if k < len(seqs_by_step) else ():
+            scheduler.add(s)
+        scheduler.step()
+        k += 1
+
+
+def test_continuous_batching_join_midway_equals_alone(engine):
+    model, tok = engine.model, engine.tokenizer
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    a_ids, b_ids = engine.encode_prompt(PROMPTS[1]), engine.encode_prompt(PROMPTS[0])
+    sched = Scheduler(model, max_batch=2, max_len=64, sync_every=3, pad_id=tok.pad_id)
+    a, b = (Sequence(ids, params, 64, tok.eos_id, tok) for ids in (a_ids, b_ids))
+    _run(sched, [[a], [], [b]])  # b joins after a has decoded 1 + 3 tokens
+    assert a.finished and b.finished
+    alone = {}
+    for name, ids in (("a", a_ids), ("b", b_ids)):
+        s = Scheduler(model, max_batch=1, max_len=64, pad_id=tok.pad_id)
+        seq = Sequence(ids, params, 64, tok.eos_id, tok)
+        _run(s, [[seq]])
+        alone[name] = seq.token_ids
+    assert a.token_ids == alone["a"] and b.token_ids == alone["b"]
+    assert b.token_ids == reference_greedy(model, b_ids, 20)[0]
+
+
+def test_cache_compaction_keeps_results(engine):
+    """A small cache forces the shared cursor to wrap: rows are compacted and decoding goes on unchanged."""
+    model, tok = engine.model, engine.tokenizer
+    ids = [engine.encode_prompt(p) for p in PROMPTS]
+    sched = Scheduler(model, max_batch=2, max_len=48, sync_every=4, pad_id=tok.pad_id)
+    seqs = [Sequence(i, SamplingParams(max_tokens=20, ignore_eos=True), 48, tok.eos_id, tok) for i in ids]
+    compactions = []
+    compact = sched._compact
+    sched._compact = lambda: (compactions.append(sched.cursor), compact())
+    _run(sched, [[seqs[1]], [], [], [seqs[0]], [], [seqs[2]]])
+    assert compactions
+    for seq, i in zip(seqs, ids):
+        assert seq.token_ids == reference_greedy(model, i, 20)[0]
+
+
+def test_stop_strings_stop_tokens_max_tokens_and_ignore_eos(engine):
+    ref = engine.generate(PROMPTS[0], max_tokens=20, ignore_eos=True)
+    stop = ref.text[5:8]
+    cut = engine.generate(PROMPTS[0], max_tokens=20, ignore_eos=True, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == ref.text[: ref.text.find(stop)]
+    stop_tok = ref.token_ids[6]
+    by_id = engine.generate(PROMPTS[0], max_tokens=20, ignore_eos=True, stop_token_ids=[stop_tok])
+    assert by_id.finish_reason == "stop" and by_id.token_ids == ref.token_ids[: ref.token_ids.index(stop_tok) + 1]
+    short = engine.generate(PROMPTS[0], max_tokens=5, ignore_eos=True)
+    assert short.token_ids == ref.token_ids[:5] and short.finish_reason == "length"
+    old_eos, engine.eos_id = engine.eos_id, ref.token_ids[3]  # pretend the 4th token is eos
+    try:
+        stopped = engine.generate(PROMPTS[0], max_tokens=20)
+        ignored = engine.generate(PROMPTS[0], max_tokens=20, ignore_eos=True)
+    finally:
+        engine.eos_id = old_eos
+    assert stopped.token_ids == ref.token_ids[: ref.token_ids.index(ref.token_ids[3]) + 1]
+    assert stopped.finish_reason == "stop" and ignored.token_ids == ref.token_ids
+
+
+def test_seeds_reproducible_and_independent_of_batch(engine):
+    kw = dict(max_tokens=16, temperature=1.0, ignore_eos=True)
+    one = engine.generate(PROMPTS[2], seed=7, **kw).token_ids
+    assert engine.generate(PROMPTS[2], seed=7, **kw).token_ids == one
+    assert engine.generate(PROMPTS[2], seed=8, **kw).token_ids != one
+    batch = engine.generate([PROMPTS[0], PROMPTS[2]], seed=7, **kw)
+    assert batch[1].token_ids == one
+    greedy = engine.generate(PROMPTS[2], max_tokens=16, ignore_eos=True).token_ids
+    assert one != greedy
+    assert engine.generate(PROMPTS[2], seed=3, top_k=1, **kw).token_ids == greedy
+    assert engine.generate(PROMPTS[2], seed=3, top_p=1e-6, **kw).token_ids == greedy
+
+
+def test_sampler_frequencies_follow_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(4000, 1)
+    rows = RowParams.empty(4000, "cpu")
+    rows.temperature.fill_(1.0)
+    rows.seed.fill_(11)
+    steps = torch.arange(4000)
+    token, *_ = sample(logits, rows, steps, Needs(sampling=True))
+    freq = torch.bincount(token, minlength=5).float() / 4000
+    assert (freq - torch.softmax(logits[0], -1)).abs().max() < 0.03
+    rows.top_k.fill_(2)
+    token, *_ = sample(logits, rows, steps, Needs(sampling=True, filtering=True))
+    assert set(token.tolist()) == {0, 1}
+    rows.top_k.fill_(0)
+    rows.top_p.fill_(0.7)  # the top token holds 0.64 of the mass, the first two 0.87
+    token, *_ = sample(logits, rows, steps, Needs(sampling=True, filtering=True))
+    assert set(token.tolist()) == {0, 1}
+
+
+def test_repetition_penalty(engine):
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, torch.tensor([2.0])).tolist() == [[1.0, -4.0, 1.0]]
+    plain = engine.generate(PROMPTS[0], max_tokens=24, ignore_eos=True).token_ids
+    penalised = engine.generate(PROMPTS[0], max_tokens=24, ignore_eos=True, repetition_penalty=5.0).token_ids
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_top_logprobs(engine):
+    out = engine.generate(PROMPTS[0], max_tokens=6, ignore_eos=True, logprobs=3)
+    for tok, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs):
+        assert len(top) == 3 and max(top, key=top.get) == tok and math.isclose(top[tok], lp)
+        assert sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-5
+
+
+def test_fim_prompt_layout_uses_tokenizer_ids(engine):
+    tok = engine.tokenizer
+    prefix, suffix = "def f(x):\n    ", "\n    return y\n"
+    ids = engine.fim_ids(prefix, suffix)
+    assert ids == [tok.bos_id, tok.fim_begin_id, *tok.encode(prefix), tok.fim_hole_id, *tok.encode(suffix),
+                   tok.fim_end_id]
+    assert ids == tok.encode(tok.bos_token + tok.fim_prompt(prefix, suffix), allow_special=True)
+    out = engine.infill(prefix, suffix, max_tokens=8, ignore_eos=True)
+    assert out.token_ids == reference_greedy(engine.model, ids, 8)[0] and out.prompt_tokens == len(ids)
+
+
+def test_chat_template_ends_without_trailing_space(engine):
+    tok = engine.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    ids = engine.chat_ids(messages)
+    text = tok.decode(ids)
+    assert text == f"{tok.bos_token}Be brief.\n\nUser: hi\n\nAssistant:" and not text.endswith(" ")
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    out = engine.chat(messages, max_tokens=6, ignore_eos=True)
+    assert out.token_ids == reference_greedy(engine.model, ids, 6)[0]
+
+
+def test_stream_matches_generate(engine):
+    ref = engine.generate(PROMPTS[1], max_tokens=12, ignore_eos=True)
+    chunks = list(engine.stream(PROMPTS[1], max_tokens=12, ignore_eos=True))
+    assert "".join(c.text for c in chunks) == ref.text
+    assert [t for c in chunks for t in c.token_ids] == ref.token_ids
+    assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
+    stream = engine.stream(PROMPTS[1], max_tokens=100, ignore_eos=True)
+    next(stream)
+    stream.close()  # cancels; the engine keeps serving
+    assert engine.generate(PROMPTS[1], max_tokens=12, ignore_eos=True).token_ids == ref.token_ids
+
+
+def test_bfloat16_engine(ckpt):
+    with Engine(ckpt, dtype="bfloat16", max_len=64) as e:
+        assert e.model.lm_head.weight.dtype == torch.bfloat16
+        out = e.generate(PROMPTS, max_tokens=8, ignore_eos=True)
+        assert [len(r.token_ids) for r in out] == [8, 8, 8]
+
+
+def test_clear_errors(engine, tmp_path):
+    with pytest.raises(DscoderError, match="no such checkpoint"):
+        Engine(tmp_path / "missing")
+    with pytest.raises(DscoderError, match="the prompt has 200 tokens; the context holds 128"):
+        engine.generate([5] * 200)
+    with pytest.raises(DscoderError, match="temperature"):
+        engine.generate("x", temperature=-1)
+    with pytest.raises(DscoderError, match="top_p"):
+        engine.generate("x", top_p=0)
+    with pytest.raises(DscoderError, match="unknown sampling option"):
+        engine.generate("x", temprature=1)
+    with pytest.raises(DscoderError, match="unknown role"):
+        engine.chat([{"role": "robot", "content": "x"}])
+
+
+def _cli(argv):
+    """What dscoder.cli.main does with these commands once ``register`` is wired in."""
+    parser = argparse.ArgumentParser(prog="dscoder")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DscoderError as e:
+        print(f"dscoder: error: {e}")
+        return 2
+
+
+def test_cli_generate_infill_chat(ckpt, engine, capsys, monkeypatch):
+    ref = engine.generate(PROMPTS[0], max_tokens=10, ignore_eos=True)
+    assert _cli(["generate", "--model", str(ckpt), "--max-tokens", "10", "--ignore-eos", PROMPTS[0]]) == 0
+    assert capsys.readouterr().out == ref.text + "\n"
+    fim = engine.infill("a = ", "\nb", max_tokens=5, ignore_eos=True)
+    assert _cli(["infill", "--model", str(ckpt), "--prefix", "a = ", "--suffix", "\nb", "--max-tokens", "5",
+                 "--ignore-eos"]) == 0
+    assert capsys.readouterr().out == fim.text + "\n"
+    answers = iter(["hi", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    chat = engine.chat([{"role": "user", "content": "hi"}], max_tokens=5, ignore_eos=True)
+    assert _cli(["chat", "--model", str(ckpt), "--max-tokens", "5", "--ignore-eos"]) == 0
+    assert capsys.readouterr().out == f"Assistant: {chat.text}\n"
+
+
+def test_cli_errors_are_one_line(tmp_path, ckpt, capsys):
+    assert _cli(["generate", "--model", str(tmp_path / "nope"), "x"]) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no such checkpoint" in out
+    assert _cli(["generate", "--model", str(ckpt), "--temperature", "-2", "x"]) == 2
+    assert "temperature" in capsys.readouterr().out
