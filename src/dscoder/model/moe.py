@@ -66,7 +66,10 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        with torch.inference_mode(False), torch.enable_grad():  # the caller may be under no_grad
+        # The caller may be under no_grad, or inside activation checkpointing, whose saved-tensor hooks must not see
+        # the probe (its recomputation would not run it again: a cached answer).
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             return _probe_grouped_mm(device_type, dtype)
     except Exception:
         return False
@@ -90,8 +93,29 @@ def _gathered_mm(x_SI: torch.Tensor, w_EIO: torch.Tensor, expert_S: torch.Tensor
     per_slot = w_EIO.shape[1] * w_EIO.shape[2] * w_EIO.element_size()
     chunk = max(1, (64 << 20) // per_slot)
     outs = [torch.bmm(x_SI[i:i + chunk, None, :], w_EIO[expert_S[i:i + chunk]])[:, 0]
-            for i in range(0, x_SI.shape[0], chunk)]
+            for i in range(0, max(x_SI.shape[0], 1), chunk)]  # one (empty) product when S = 0
     return torch.cat(outs) if len(outs) != 1 else outs[0]
+
+
+def expert_swiglu(x_SD: torch.Tensor, weight_S: torch.Tensor, expert_S: torch.Tensor, gate_up_EOD: torch.Tensor,
+                  down_EDI: torch.Tensor) -> torch.Tensor:
+    """The routed experts' SwiGLU over slots already sorted by expert (``expert_S`` ascending, in
+    ``[0, gate_up_EOD.shape[0])``), each slot's output scaled by its routing weight: two grouped matmuls.
+
+    Shared by :class:`RoutedExperts` and the expert-parallel wrapper (which passes its local experts' weights).
+    """
+    # (no slots happens under expert parallelism: the CPU _grouped_mm backward fails on an empty input)
+    if x_SD.shape[0] > 0 and grouped_mm_works(x_SD.device.type, x_SD.dtype):
+        counts_E = torch.zeros(gate_up_EOD.shape[0], dtype=torch.int32, device=x_SD.device)
+        counts_E.scatter_add_(0, expert_S, torch.ones_like(expert_S, dtype=torch.int32))
+        offs_E = counts_E.cumsum(0, dtype=torch.int32)
+        mm = lambda a, w: torch._grouped_mm(a, w, offs=offs_E)  # noqa: E731
+    else:
+        mm = lambda a, w: _gathered_mm(a, w, expert_S)  # noqa: E731
+    gate, up = mm(x_SD, gate_up_EOD.transpose(1, 2)).chunk(2, dim=-1)
+    # Weighting the rows before the (linear) down projection equals weighting its output, on I < D columns.
+    act_SI = F.silu(gate) * up * weight_S[:, None].to(x_SD.dtype)
+    return mm(act_SI, down_EDI.transpose(1, 2))
 
 
 class RoutedExperts(nn.Module):
@@ -109,20 +133,8 @@ class RoutedExperts(nn.Module):
         N, K = experts_NK.shape
         flat_S = experts_NK.reshape(-1)
         order_S = torch.argsort(flat_S, stable=True)
-        expert_S = flat_S[order_S]
-        x_SD = x_ND[order_S // K]
-        use_grouped = grouped_mm_works(x_ND.device.type, x_ND.dtype)
-        if use_grouped:
-            counts_E = torch.zeros(self.n_experts, dtype=torch.int32, device=x_ND.device)
-            counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S, dtype=torch.int32))
-            offs_E = counts_E.cumsum(0, dtype=torch.int32)
-            mm = lambda a, w: torch._grouped_mm(a, w, offs=offs_E)  # noqa: E731
-        else:
-            mm = lambda a, w: _gathered_mm(a, w, expert_S)  # noqa: E731
-        gate, up = mm(x_SD, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        # Weighting the rows before the (linear) down projection equals weighting its output, on I < D columns.
-        act_SI = F.silu(gate) * up * weights_NK.reshape(-1)[order_S, None].to(x_ND.dtype)
-        y_SD = mm(act_SI, self.down_proj.transpose(1, 2))
+        y_SD = expert_swiglu(x_ND[order_S // K], weights_NK.reshape(-1)[order_S], flat_S[order_S],
+                             self.gate_up_proj, self.down_proj)
         # Undo the sort and add each token's K expert outputs (the sum accumulates in fp32).
         y_unsorted = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD)
         return y_unsorted.view(N, K, -1).sum(dim=1)

@@ -1,8 +1,8 @@
 """Training checkpoints with ``torch.distributed.checkpoint`` (DCP), written atomically.
 
 ``RUN/checkpoints/step-000123/`` holds the DCP files of the model and optimizer (sharded as the run was: FSDP2
-shards are saved by their owners), ``rank-00000.json`` ... (each rank's loader position and RNG states) and
-``meta.json`` (step, world size, model config). Everything is first written to ``step-000123.tmp/`` and renamed
+shards and expert-parallel expert shards are saved by their owners), ``rank-00000.json`` ... (each rank's loader
+position and RNG states) and ``meta.json`` (step, world size, model config). Everything is first written to ``step-000123.tmp/`` and renamed
 once every rank has finished, so a directory without the ``.tmp`` suffix is always complete; a cut-off write
 leaves only a ``.tmp`` directory, which is ignored (and removed by the next save).
 """

@@ -5,7 +5,7 @@ A recipe has four tables and an optional list of stages::
     [model]     preset = "tiny" | init = "HF_DIR" (continued pre-training); other keys override ModelConfig fields
     [data]      path = "BUILD_DIR" (or sources = [{path=..., weight=...}, ...]), seq_len, fim_rate, spm_rate, shard
     [train]     steps, micro_batch, grad_accum, lr, min_lr_ratio, warmup_steps, weight_decay, betas, grad_clip, ...
-    [parallel]  strategy = "none" | "ddp" | "fsdp"
+    [parallel]  strategy = "none" | "ddp" | "fsdp", ep (expert-parallel degree)
     [[stages]]  long-context extension: steps, seq_len, micro_batch, rope_factor, lr (each stage its own schedule)
 """
 
@@ -65,7 +65,9 @@ class TrainSection:
 @dataclass
 class ParallelSection:
     strategy: str = "none"  # none | ddp | fsdp
-    ep: int = 1  # expert parallel degree (only 1 for now)
+    # expert parallel degree: the routed experts of every MoE layer are split over groups of ep ranks (torchrun
+    # with a multiple of ep processes; needs strategy = "ddp"); the rest of the model is data-parallel
+    ep: int = 1
 
 
 @dataclass
@@ -147,7 +149,11 @@ class TrainConfig:
             need(isinstance(s, dict) and set(s) <= {"path", "weight", "min_tokens"} and "path" in s,
                  f"data.sources[{i}]", "expected {path = ..., weight = ..., min_tokens = ...}")
         need(self.parallel.strategy in ("none", "ddp", "fsdp"), "parallel.strategy", "expected none, ddp or fsdp")
-        need(self.parallel.ep == 1, "parallel.ep", "expert parallelism is not implemented yet; use 1")
+        ep = self.parallel.ep
+        need(isinstance(ep, int) and ep >= 1, "parallel.ep", "expected a positive integer")
+        need(ep == 1 or self.parallel.strategy == "ddp", "parallel.ep",
+             f"expert parallelism (ep = {ep}) needs parallel.strategy = 'ddp' (FSDP2 + EP is not supported; the "
+             "non-expert weights are data-parallel over all ranks)")
         need(bool(self.model.preset) != bool(self.model.init), "model.preset",
              "give model.preset or model.init (an HF checkpoint), not both")
         for i, s in enumerate(self.stages):

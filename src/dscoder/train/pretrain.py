@@ -2,7 +2,8 @@
 the MoE balance loss, AdamW with warmup + cosine, gradient accumulation and clipping, metrics, DCP checkpoints.
 
 Run it with ``dscoder train pretrain --config configs/tiny.toml --out RUN [key=value ...]``; under
-``torchrun --nproc_per_node=N`` the same command trains data-parallel (``parallel.strategy = "ddp" | "fsdp"``).
+``torchrun --nproc_per_node=N`` the same command trains data-parallel (``parallel.strategy = "ddp" | "fsdp"``),
+with the routed experts spread over ``parallel.ep`` ranks when it is > 1 (``dscoder.train.expert_parallel``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from dscoder.config import ModelConfig
 from dscoder.errors import CheckpointError, ConfigError, DscoderError
 from dscoder.train import checkpoint as ckpt
+from dscoder.train import expert_parallel
 from dscoder.train.config import Stage, TrainConfig
 from dscoder.train.optim import build_optimizer, lr_factor
 
@@ -97,6 +99,11 @@ def _rebuild_with(model, mcfg: ModelConfig, d: Dist):
 
 def parallelize(model: torch.nn.Module, config: TrainConfig, d: Dist) -> torch.nn.Module:
     strategy = config.parallel.strategy if d.world > 1 else "none"
+    ep = config.parallel.ep
+    if ep > 1:  # each rank keeps E/ep routed experts; the rest of the model stays data-parallel over all ranks
+        from dscoder.train.expert_parallel import apply_expert_parallel, build_mesh
+
+        apply_expert_parallel(model, build_mesh(d.device.type, d.world, ep, model.config.n_routed_experts))
     if config.train.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -106,6 +113,10 @@ def parallelize(model: torch.nn.Module, config: TrainConfig, d: Dist) -> torch.n
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if ep > 1:  # expert gradients are reduced by expert_parallel.reduce_expert_grads instead
+            from dscoder.train.expert_parallel import expert_parameter_names
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
         model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     elif strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -244,6 +255,7 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     sources = data_sources(config)
     tokenizer = Tokenizer.load(Path(sources[0][0]) / "tokenizer")
     mcfg = model_config(config, tokenizer)
+    expert_parallel.check(config.parallel.ep, d.world, mcfg.n_routed_experts)
     existing = ckpt.checkpoints(out)
     if existing and not resume:
         raise DscoderError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another --out")
@@ -308,7 +320,11 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
             lm_sum += lm.item()
             aux_sum += float(aux.detach())
             tokens += ids.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if config.parallel.ep > 1:
+            expert_parallel.reduce_expert_grads(model)
+            grad_norm = expert_parallel.clip_grad_norm_(model, t.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         lr = (stage.lr or t.lr) * (lr_factor(step - stage_start, min(t.warmup_steps, stage.steps // 2 or 1),
