@@ -23,10 +23,8 @@ is a failure. For HumanEval-style checks the candidate's results must be plain b
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import resource
 import secrets
 import shutil
 import signal
@@ -46,9 +44,9 @@ _UID_BASE = 61000
 # The harness inside the sandbox: reads the run spec from stdin, executes the program, runs the check, prints the
 # nonce only if everything returned normally. Kept free of dscoder imports (it runs with the bare interpreter).
 _DRIVER = r'''
-import json, os, sys, traceback
+import os, sys
 def _strict(fn, _type=type, _allowed=(int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set,
-                                      frozenset), _iter=iter, _isinstance=isinstance, _exc=TypeError):
+                                      frozenset), _iter=iter, _exc=TypeError):
     def check(value):
         t = _type(value)
         if t not in _allowed:
@@ -63,19 +61,20 @@ def _strict(fn, _type=type, _allowed=(int, float, complex, str, bytes, bool, typ
         return result
     return wrapped
 def _main():
-    spec = json.loads(sys.stdin.readline())
-    nonce, program, call = spec["nonce"], spec["program"], spec.get("call")
-    del spec
+    # stdin: nonce, check function name, entry point name (empty: no call), then the program
+    nonce, check_name, entry = (sys.stdin.readline().rstrip("\n") for _ in range(3))
+    program = sys.stdin.read()
     ns = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
         exec(compile(program, "program.py", "exec"), ns)
-        if call:
-            ns[call["check"]](_strict(ns[call["entry_point"]]))
+        if entry:
+            ns[check_name](_strict(ns[entry]))
     except SystemExit as e:
         sys.stderr.write("the program exited before its checks finished (SystemExit %r)\n" % (e.code,))
         sys.stderr.flush()
         os._exit(1)
     except BaseException:
+        import traceback
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
@@ -145,7 +144,7 @@ class Sandbox:
 
     def _run(self, program: str, call: dict | None, slot: int) -> RunResult:
         nonce = secrets.token_hex(16)
-        spec = json.dumps({"nonce": nonce, "program": program, "call": call}) + "\n"
+        spec = f"{nonce}\n{(call or {}).get('check', '')}\n{(call or {}).get('entry_point', '')}\n{program}"
         private = Path(tempfile.mkdtemp(prefix="dscoder-run-"))  # root-only: output files, process-mode scratch
         os.chmod(private, 0o700)
         out_path, err_path = private / "stdout", private / "stderr"
@@ -156,10 +155,11 @@ class Sandbox:
                 else:
                     scratch = private / "scratch"
                     scratch.mkdir()
-                    cmd, cwd = [sys.executable, "-I", "-c", _DRIVER], str(scratch)
+                    cmd, cwd = [*self._prlimit(), sys.executable, "-I", "-S", "-c", _DRIVER], str(scratch)
                 start = time.perf_counter()
+                # no preexec_fn: the limits are set by prlimit, so Popen can spawn without copying this process
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd,
-                                        env=self._env(cwd), preexec_fn=self._limit, start_new_session=True)
+                                        env=self._env(cwd), start_new_session=True)
                 try:
                     proc.communicate(spec.encode(), timeout=self.limits.timeout_s)
                     timed_out = False
@@ -201,10 +201,11 @@ class Sandbox:
             "mount -t proc proc /proc",
             "mkdir /tmp/.python /tmp/work",
             f"mount --bind -o ro {_quote(str(prefix))} /tmp/.python",
-            f"mount -o remount,bind,ro /tmp/.python",
+            "mount -o remount,bind,ro /tmp/.python",
             f"chown {uid}:{uid} /tmp/work",
             "cd /tmp/work",
-            f"exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs -- {inside} -I -c \"$0\"",
+            f"exec {' '.join(self._prlimit())} setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs "
+            f"-- {inside} -I -S -c \"$0\"",
         ])
         return ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
                 "sh", "-c", setup, _DRIVER]
@@ -213,17 +214,16 @@ class Sandbox:
         return {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work" if self.isolation == "namespaces" else home,
                 "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
 
-    def _limit(self) -> None:
+    def _prlimit(self) -> list[str]:
+        """util-linux prlimit: address space, CPU seconds, processes (per uid), file size, open files, no cores."""
         lim = self.limits
-        memory = lim.memory_mb * 1024 * 1024
-        for res, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, int(lim.timeout_s) + 2),
-                           (resource.RLIMIT_NPROC, lim.max_processes), (resource.RLIMIT_FSIZE, lim.file_mb << 20),
-                           (resource.RLIMIT_NOFILE, lim.open_files), (resource.RLIMIT_CORE, 0)):
-            resource.setrlimit(res, (value, value))
+        return ["prlimit", f"--as={lim.memory_mb << 20}", f"--cpu={int(lim.timeout_s) + 2}",
+                f"--nproc={lim.max_processes}", f"--fsize={lim.file_mb << 20}", f"--nofile={lim.open_files}",
+                "--core=0", "--"]
 
 
 def namespaces_available() -> bool:
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv") or sys.platform != "linux":
+    if os.geteuid() != 0 or sys.platform != "linux" or not all(map(shutil.which, ("unshare", "setpriv", "prlimit"))):
         return False
     try:
         probe = subprocess.run(["unshare", "--net", "--mount", "--pid", "--fork", "true"], capture_output=True,
