@@ -15,10 +15,12 @@ Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces on
 
 Both levels: limits on address space, CPU time, processes (per uid), file size, open files; a wall-clock timeout
 enforced from outside; output capped; an environment of ``PATH``, ``HOME``, ``LANG`` only. A run passes only if the
-program ran to its end: the harness prints a per-run nonce (which the program never sees in its source or
-environment) after the program and its checks returned, so ``sys.exit(0)`` or ``os._exit(0)`` before the asserts
-is a failure. For HumanEval-style checks the candidate's results must be plain built-in values, so an object whose
-``__eq__`` always answers True does not pass.
+program ran to its end: the harness prints a per-run nonce (not in the program's source or environment) after the
+program and its checks returned, so ``sys.exit(0)`` or ``os._exit(0)`` before the asserts is a failure. For
+HumanEval-style checks the candidate's results must be plain built-in values, so an object whose ``__eq__`` always
+answers True does not pass. The program shares its interpreter with the harness's few lines, so a program written
+to attack this harness (walking the interpreter's frames for the nonce) could fake a pass; it still could not
+leave the sandbox.
 """
 
 from __future__ import annotations
