@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned so pip takes the CPU build that lies on disk here (an open range pulls a multi-GB CUDA build).
 TORCH := torch==2.13.0
 
-.PHONY: install test bench clean
+.PHONY: install test bench quickstart clean
 
 $(BIN)/dscoder: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(BIN)/dscoder
 
 test: install
 	$(BIN)/python -m pytest
+
+quickstart: install
+	$(BIN)/dscoder quickstart
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py
