@@ -1,4 +1,11 @@
-"""Running untrusted Python programs: model completions under test, and later RL rewards.
+"""Running untrusted programs: model completions under test, and later RL rewards.
+
+Python programs run inside a small harness in the interpreter (``run(program, {"check", "entry_point"})``).
+Programs in other languages (MultiPL-E) run as a command line: the harness writes the program to a file in its
+working directory and runs ``sh -c COMMAND`` there, under the same isolation and limits
+(``run(program, {"file": "main.rs", "command": "{rustc} -o main main.rs && ./main", "tools": {"rustc": PATH}})``);
+``{name}`` in the command is replaced by where the tool ``name`` is reachable inside the sandbox. A run of a
+command passes when the command exits 0 (as MultiPL-E's own harness judges it).
 
 Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces one):
 
@@ -86,6 +93,31 @@ def _main():
 _main()
 '''
 
+# The harness for command-line programs: writes the program to a file, runs the command, prints the nonce only when
+# it exited 0. It makes itself non-dumpable so that the command (same uid) cannot read the nonce from its memory.
+_COMMAND_DRIVER = r'''
+import os, sys, subprocess
+def _main():
+    # stdin: nonce, file name, command line, then the program
+    nonce, name, command = (sys.stdin.readline().rstrip("\n") for _ in range(3))
+    program = sys.stdin.read()
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
+    except Exception:
+        pass
+    with open(name, "w", encoding="utf-8") as f:
+        f.write(program)
+    sys.stdout.flush()
+    code = subprocess.call(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL)
+    if code != 0:
+        os._exit(1)
+    sys.stdout.write("\n" + nonce + "\n")
+    sys.stdout.flush()
+    os._exit(0)
+_main()
+'''
+
 
 @dataclass
 class Limits:
@@ -132,7 +164,9 @@ class Sandbox:
     # ----- one program ------------------------------------------------------------------------------------------
     def run(self, program: str, call: dict[str, str] | None = None) -> RunResult:
         """Run ``program`` (Python source); with ``call = {"check": ..., "entry_point": ...}`` then run
-        ``check(entry_point)`` with the entry point's results held to built-in values."""
+        ``check(entry_point)`` with the entry point's results held to built-in values. With
+        ``call = {"file": NAME, "command": LINE, "tools": {name: host path}}`` write the program (any language) to
+        ``NAME`` and run ``sh -c LINE`` instead (see the module's docstring)."""
         slot = self._slots.get()
         try:
             return self._run(program, call, slot)
@@ -146,18 +180,22 @@ class Sandbox:
 
     def _run(self, program: str, call: dict | None, slot: int) -> RunResult:
         nonce = secrets.token_hex(16)
-        spec = f"{nonce}\n{(call or {}).get('check', '')}\n{(call or {}).get('entry_point', '')}\n{program}"
+        driver, mounts = _DRIVER, {}
+        if call and "command" in call:
+            driver, mounts, spec = self._command_spec(nonce, program, call)
+        else:
+            spec = f"{nonce}\n{(call or {}).get('check', '')}\n{(call or {}).get('entry_point', '')}\n{program}"
         private = Path(tempfile.mkdtemp(prefix="dscoder-run-"))  # root-only: output files, process-mode scratch
         os.chmod(private, 0o700)
         out_path, err_path = private / "stdout", private / "stderr"
         try:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 if self.isolation == "namespaces":
-                    cmd, cwd = self._namespace_command(_UID_BASE + slot), "/"
+                    cmd, cwd = self._namespace_command(_UID_BASE + slot, driver, mounts), "/"
                 else:
                     scratch = private / "scratch"
                     scratch.mkdir()
-                    cmd, cwd = [*self._prlimit(), sys.executable, "-I", "-S", "-c", _DRIVER], str(scratch)
+                    cmd, cwd = [*self._prlimit(), sys.executable, "-I", "-S", "-c", driver], str(scratch)
                 start = time.perf_counter()
                 # no preexec_fn: the limits are set by prlimit, so Popen can spawn without copying this process
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd,
@@ -189,7 +227,24 @@ class Sandbox:
         return RunResult("failed", reason, proc.returncode, stdout.replace(nonce, ""), stderr, seconds)
 
     # ----- plumbing ---------------------------------------------------------------------------------------------
-    def _namespace_command(self, uid: int) -> list[str]:
+    def _command_spec(self, nonce: str, program: str, call: dict) -> tuple[str, dict[str, str], str]:
+        """The command driver's stdin, with ``{tool}`` placeholders resolved; tools outside world-readable
+        directories (e.g. a rustup toolchain under /root) are bind-mounted read-only into the namespace."""
+        name, command = call["file"], call["command"]
+        if "/" in name or not name.strip() or "\n" in name or "\n" in command:
+            raise DscoderError(f"sandbox command: bad file name {name!r} or a command with a newline")
+        mounts: dict[str, str] = {}
+        for tool, host in (call.get("tools") or {}).items():
+            path = Path(host).resolve()
+            inside = str(path)
+            if self.isolation == "namespaces" and not _world_reachable(path):
+                root = path.parent.parent  # bin/TOOL → the toolchain's prefix
+                mounts[str(root)] = f"/tmp/.tools/{tool}"
+                inside = f"/tmp/.tools/{tool}/{path.relative_to(root)}"
+            command = command.replace("{" + tool + "}", _quote(inside))
+        return _COMMAND_DRIVER, mounts, f"{nonce}\n{name}\n{command}\n{program}"
+
+    def _namespace_command(self, uid: int, driver: str = _DRIVER, mounts: dict[str, str] | None = None) -> list[str]:
         prefix = Path(sys.base_prefix).resolve()
         exe = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
         try:
@@ -204,13 +259,15 @@ class Sandbox:
             "mkdir /tmp/.python /tmp/work",
             f"mount --bind -o ro {_quote(str(prefix))} /tmp/.python",
             "mount -o remount,bind,ro /tmp/.python",
+            *(f"mkdir -p {inside} && mount --bind -o ro {_quote(host)} {inside} && mount -o remount,bind,ro {inside}"
+              for host, inside in (mounts or {}).items()),
             f"chown {uid}:{uid} /tmp/work",
             "cd /tmp/work",
             f"exec {' '.join(self._prlimit())} setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs "
             f"-- {inside} -I -S -c \"$0\"",
         ])
         return ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
-                "sh", "-c", setup, _DRIVER]
+                "sh", "-c", setup, driver]
 
     def _env(self, home: str) -> dict[str, str]:
         return {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work" if self.isolation == "namespaces" else home,
@@ -232,6 +289,17 @@ def namespaces_available() -> bool:
                                timeout=10)
         return probe.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _world_reachable(path: Path) -> bool:
+    """Whether an unprivileged uid can reach ``path`` (every directory above it searchable by others) and read or
+    execute it."""
+    try:
+        if not path.stat().st_mode & 0o005:
+            return False
+        return all(parent.stat().st_mode & 0o001 for parent in path.parents)
+    except OSError:
         return False
 
 
