@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dotted overrides of the recipe, e.g. train.steps=100 data.path=runs/data")
     pt.set_defaults(func=train_pretrain)
 
+    from dscoder.train.align_cli import register as register_alignment
+
+    register_alignment(train_sub)  # sft, reward, grpo
+
     ex = sub.add_parser("export", help="training checkpoint -> HF checkpoint",
                         description="Write an HF checkpoint (config.json, safetensors, tokenizer) from a run "
                                     "directory (its latest checkpoint) or a checkpoint directory.")

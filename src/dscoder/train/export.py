@@ -34,8 +34,8 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
     ckpt.load_model_weights(path, model)
     out = Path(out)
     dscoder.save_model(model, out, dtype=dtype)
-    tokenizer_dir = Path(meta.get("tokenizer", ""))
-    if tokenizer_dir.is_dir():
+    tokenizer_dir = meta.get("tokenizer")
+    if tokenizer_dir and Path(tokenizer_dir).is_dir():
         Tokenizer.load(tokenizer_dir).save(out)
     shutil.copy(path / "meta.json", out / "dscoder_training_meta.json")
     return out

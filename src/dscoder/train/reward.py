@@ -1,0 +1,386 @@
+"""Reward model: a scalar head on the final hidden state, trained with the Bradley-Terry pairwise loss.
+
+``dscoder train reward --config configs/reward-tiny.toml --out RUN``. The reward of a sequence is
+``score(h_T)``, a bias-free linear map of the final-norm hidden state at its last token (right padding: the last
+non-pad token), as transformers' sequence-classification models read it. The loss over pairs is
+``-log σ(r_chosen - r_rejected - margin)`` averaged over the batch, plus ``center * mean((r_c + r_r)²)`` (keeps the
+rewards centred around 0; TRL's ``center_rewards_coefficient``).
+
+Pairs come from
+
+- a preference jsonl (``data.pairs``): ``{"prompt"?, "chosen", "rejected", "margin"?}`` per line, strings (encoded
+  as ``prompt + reply`` + eos) or chat message lists (the chat template);
+- execution results (``data.problems``): problems with tests (HumanEval style ``prompt, test, entry_point`` or MBPP
+  style ``prompt, test_list``) and candidate programs (``completions``; without them, ``reward.samples`` are
+  sampled from the initial model by the engine). Every program runs in the sandbox and, per problem, each program
+  that passes is preferred to each that fails: the compiler-feedback pairs of DeepSeek-Coder-V2 §3.5.2.
+  ``data.problems = "builtin"`` is a small arithmetic set (a tokenizer is trained on it when none is given).
+
+Held-out pairs (whole problems for execution data) give the pairwise accuracy in ``metrics.jsonl``; the trained
+model is written to ``RUN/reward_model/`` (an HF checkpoint, its tokenizer and ``reward_head.safetensors``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dscoder.config import ModelConfig
+from dscoder.errors import ConfigError, DscoderError
+from dscoder.model import DeepseekV2
+from dscoder.train.optim import build_optimizer
+from dscoder.train.sft import (AlignConfig, build_policy, forward_hidden, load_tokenizer, log_metrics, optimizer_step,
+                               prepare_run, read_jsonl, resume_from, save_checkpoint)
+
+HEAD_FILE = "reward_head.safetensors"
+META_FILE = "reward_model.json"
+
+
+class RewardModel(DeepseekV2):
+    """DeepseekV2 with ``score: Linear(D, 1)``; ``rewards(ids_BT, lengths_B)`` → ``[B]`` fp32 rewards read at each
+    row's last real token (rows are right-padded). The LM head stays, unused, so the backbone exports as is."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def rewards(self, ids_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        h_BTD, aux = forward_hidden(self, ids_BT)
+        self.last_aux = aux
+        last = h_BTD[torch.arange(ids_BT.shape[0], device=ids_BT.device), lengths_B - 1]
+        return self.score(last).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]], batch: int = 16) -> list[float]:
+        """Rewards of token-id sequences (eval mode, no gradient)."""
+        was = self.training
+        self.eval()
+        out = []
+        for i in range(0, len(sequences), batch):
+            ids, lengths = pad_right(sequences[i:i + batch], self.config.eos_token_id or 0)
+            out += self.rewards(ids.to(self.score.weight.device), lengths.to(self.score.weight.device)).tolist()
+        self.train(was)
+        return out
+
+
+def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    return (torch.tensor([s + [pad] * (T - len(s)) for s in seqs], dtype=torch.long),
+            torch.tensor([len(s) for s in seqs], dtype=torch.long))
+
+
+def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None) -> Path:
+    import dscoder
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    lm = DeepseekV2(model.config)
+    lm.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("score.")})
+    dscoder.save_model(lm, directory)
+    save_file({"score.weight": model.score.weight.detach().float().contiguous()}, str(directory / HEAD_FILE))
+    (directory / META_FILE).write_text(json.dumps({"format": "dscoder-reward-model", "head": "score",
+                                                   "vocab_size": model.config.vocab_size}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def load_reward_model(directory: str | Path, vocab_size: int | None = None) -> RewardModel:
+    """A saved reward model; ``vocab_size`` (the policy's) must match its vocabulary."""
+    import dscoder
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / HEAD_FILE).is_file() or not (directory / "config.json").is_file():
+        raise DscoderError(f"{directory}: not a dscoder reward model (needs config.json and {HEAD_FILE}; "
+                           f"train one with `dscoder train reward`)")
+    lm = dscoder.load_model(directory, dtype=torch.float32)
+    if vocab_size is not None and lm.config.vocab_size != vocab_size:
+        raise DscoderError(f"{directory}: the reward model's vocabulary has {lm.config.vocab_size} tokens; the "
+                           f"policy's has {vocab_size} (they must share a tokenizer)")
+    model = RewardModel(lm.config)
+    model.load_state_dict({**lm.state_dict(), **load_file(str(directory / HEAD_FILE))})
+    return model.eval()
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
+                       center: float = 0.0) -> torch.Tensor:
+    """``mean(-log σ(r_c - r_r - margin)) + center * mean((r_c + r_r)²)``."""
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    if center:
+        loss = loss + center * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+# ----- pairs -----------------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+    group: str = ""  # the problem (held-out splits keep a problem's pairs together)
+
+
+def encode_text(tokenizer, prompt, reply) -> list[int]:
+    """``prompt + reply`` as strings (bos, text, eos) or chat message lists (the chat template)."""
+    if isinstance(reply, list):
+        text = tokenizer.apply_chat_template(list(prompt or []) + reply, add_generation_prompt=False)
+        return tokenizer.encode(text, allow_special=True)
+    head = [tokenizer.bos_id] if tokenizer.add_bos_token else []
+    return head + tokenizer.encode((prompt or "") + reply) + [tokenizer.eos_id]
+
+
+def read_preference_pairs(path, tokenizer, max_len: int) -> list[Pair]:
+    pairs = []
+    for n, row in read_jsonl(path, "preference jsonl"):
+        where = f"{path}:{n}"
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            raise DscoderError(f"{where}: expected {{\"prompt\"?, \"chosen\", \"rejected\", \"margin\"?}}")
+        prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+        kinds = {type(x) for x in (chosen, rejected)} | ({type(prompt)} if prompt is not None else set())
+        if kinds not in ({str}, {list}):
+            raise DscoderError(f"{where}: prompt, chosen and rejected must all be strings or all chat message lists")
+        margin = row.get("margin", 0.0)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+            raise DscoderError(f"{where}: margin must be a number")
+        if chosen == rejected:
+            raise DscoderError(f"{where}: chosen and rejected are the same")
+        pairs.append(Pair(encode_text(tokenizer, prompt, chosen)[:max_len],
+                          encode_text(tokenizer, prompt, rejected)[:max_len], float(margin), group=str(n)))
+    return pairs
+
+
+def problem_from_row(row: Any, where: str):
+    """A HumanEval-style (``prompt, test, entry_point``) or MBPP-style (``prompt, test_list``) problem."""
+    from dscoder.eval.tasks import HumanEvalProblem, MBPPProblem
+
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise DscoderError(f"{where}: expected an object with a 'prompt' string")
+    task_id = str(row.get("task_id", where))
+    if isinstance(row.get("test"), str) and isinstance(row.get("entry_point"), str):
+        return HumanEvalProblem(task_id, row["prompt"], data={"prompt": row["prompt"], "test": row["test"],
+                                                                 "entry_point": row["entry_point"]})
+    if isinstance(row.get("test_list"), list) and row["test_list"]:
+        return MBPPProblem(task_id, row["prompt"], data={"test_list": row["test_list"],
+                                                           "test_setup_code": row.get("test_setup_code", "")})
+    raise DscoderError(f"{where}: prompt without tests (expected 'test' and 'entry_point', or 'test_list')")
+
+
+BUILTIN_NAMES = ["add", "plus", "total", "combine", "join_sum", "accumulate", "summed", "both", "pair_sum", "merge",
+                 "tally", "grow", "increase", "sum_two", "together", "addition"]
+BUILTIN_ARGS = [("a", "b"), ("x", "y"), ("m", "n"), ("p", "q"), ("left", "right"), ("u", "v")]
+
+
+def builtin_problems() -> list[dict]:
+    """Sixteen 'return the sum' problems, each with six candidate bodies (two right, four wrong)."""
+    rows = []
+    for i, name in enumerate(BUILTIN_NAMES):
+        a, b = BUILTIN_ARGS[i % len(BUILTIN_ARGS)]
+        rows.append({"task_id": f"builtin/{i}", "entry_point": name,
+                     "prompt": f"def {name}({a}, {b}):\n    \"\"\"Return the sum of {a} and {b}.\"\"\"\n",
+                     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(10, -4) == 6\n",
+                     "completions": [f"    return {a} + {b}\n", f"    return {b} + {a}\n", f"    return {a} - {b}\n",
+                                     f"    return {a} * {b}\n", f"    return {b} - {a}\n", f"    return {a} + {b} + 1\n"]})
+    return rows
+
+
+def execution_pairs(rows: list[tuple[str, dict]], tokenizer, sandbox, max_len: int,
+                    max_pairs_per_problem: int = 64) -> tuple[list[Pair], dict[str, int]]:
+    """Run every (problem, completion) in the sandbox; per problem, passing ≻ failing programs."""
+    problems = [(problem_from_row(row, where), row["completions"]) for where, row in rows]
+    jobs = [(p, c) for p, comps in problems for c in comps]
+    results = list(sandbox.run_many([p.program(c) for p, c in jobs]))
+    passed: dict[str, list[str]] = {}
+    failed: dict[str, list[str]] = {}
+    for (p, c), res in zip(jobs, results):
+        (passed if res.passed else failed).setdefault(p.task_id, []).append(c)
+    pairs = []
+    for p, _ in problems:
+        combos = list(itertools.product(passed.get(p.task_id, []), failed.get(p.task_id, [])))[:max_pairs_per_problem]
+        for good, bad in combos:
+            pairs.append(Pair(encode_text(tokenizer, p.prompt, good)[:max_len],
+                              encode_text(tokenizer, p.prompt, bad)[:max_len], group=p.task_id))
+    stats = {"programs": len(jobs), "passed": sum(r.passed for r in results), "problems": len(problems),
+             "problems_with_pairs": sum(1 for p, _ in problems if passed.get(p.task_id) and failed.get(p.task_id))}
+    return pairs, stats
+
+
+def sample_completions(model, tokenizer, rows: list[tuple[str, dict]], n: int, temperature: float,
+                       max_tokens: int, seed: int) -> None:
+    """Fill in ``completions`` of rows without them: ``n`` samples per prompt from ``model`` (the engine)."""
+    from dscoder.engine import Engine
+    from dscoder.engine.sampling import SamplingParams
+
+    todo = [row for _, row in rows if not row.get("completions")]
+    if not todo:
+        return
+    with Engine(model, tokenizer=tokenizer, max_batch_size=min(64, n * len(todo))) as engine:
+        seqs = [[engine.submit(engine.encode_prompt(row["prompt"]),
+                               SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed * 7919 + j * 131 + i,
+                                              stop=("\ndef ", "\nclass ", "\nif __name__")))
+                 for i in range(n)] for j, row in enumerate(todo)]
+        for row, group in zip(todo, seqs):
+            row["completions"] = [Engine._wait(s).text for s in group]
+    model.train()
+
+
+# ----- recipe ----------------------------------------------------------------------------------------------------
+@dataclass
+class RewardData:
+    pairs: str | None = None  # a preference jsonl
+    problems: str | None = None  # problems with tests (+ completions) jsonl, or "builtin"
+    max_len: int = 512
+    heldout_fraction: float = 0.25  # of the problems (execution data) or pairs (preference data)
+
+
+@dataclass
+class RewardSection:
+    margin: float = 0.0  # added to every pair's own margin
+    center: float = 0.0  # center_rewards_coefficient (TRL recommends 1e-2)
+    samples: int = 8  # programs sampled per problem without completions
+    temperature: float = 0.8
+    max_new_tokens: int = 256
+    max_pairs_per_problem: int = 64
+    sandbox_timeout: float = 10.0
+    eval_every: int = 0  # steps between held-out accuracy evaluations (0: only at the end)
+
+
+def split_heldout(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    groups = sorted({p.group for p in pairs})
+    random.Random(seed).shuffle(groups)
+    n_held = int(round(len(groups) * fraction)) if fraction > 0 else 0
+    if fraction > 0 and len(groups) > 1:
+        n_held = min(max(n_held, 1), len(groups) - 1)
+    held = set(groups[:n_held])
+    return [p for p in pairs if p.group not in held], [p for p in pairs if p.group in held]
+
+
+def pair_batch(pairs: list[Pair], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, lengths = pad_right([p.chosen for p in pairs] + [p.rejected for p in pairs], pad)
+    return ids, lengths, torch.tensor([p.margin for p in pairs])
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: RewardModel, pairs: list[Pair], batch: int = 16, pad: int = 0) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    right, margins = 0, []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        ids, lengths, _ = pair_batch(chunk, pad)
+        r = model.rewards(ids, lengths)
+        rc, rr = r[:len(chunk)], r[len(chunk):]
+        right += int((rc > rr).sum())
+        margins += (rc - rr).tolist()
+    model.train(was)
+    return {"accuracy": right / max(len(pairs), 1), "reward_margin": sum(margins) / max(len(margins), 1)}
+
+
+def load_pairs(config: AlignConfig, tokenizer, model, out: Path) -> tuple[list[Pair], dict[str, Any]]:
+    from dscoder.eval.sandbox import Limits, Sandbox
+
+    d, m = config.data, config.method
+    if d.pairs:
+        return read_preference_pairs(d.pairs, tokenizer, d.max_len), {"source": d.pairs}
+    if d.problems == "builtin":
+        rows = [(f"builtin:{i}", r) for i, r in enumerate(builtin_problems())]
+    else:
+        rows = [(f"{d.problems}:{n}", r) for n, r in read_jsonl(d.problems, "problems jsonl")]
+        for where, row in rows:
+            problem_from_row(row, where)  # every row checked before any work
+            if "completions" in row and not (isinstance(row["completions"], list)
+                                             and all(isinstance(c, str) for c in row["completions"])):
+                raise DscoderError(f"{where}: 'completions' must be a list of strings")
+        sample_completions(model, tokenizer, rows, m.samples, m.temperature, m.max_new_tokens, config.train.seed)
+    pairs, stats = execution_pairs(rows, tokenizer, Sandbox(Limits(timeout_s=m.sandbox_timeout)), d.max_len,
+                                   m.max_pairs_per_problem)
+    with open(out / "pairs.jsonl", "w") as f:  # what was trained on, for inspection
+        for p in pairs:
+            f.write(json.dumps({"group": p.group, "chosen": tokenizer.decode(p.chosen),
+                                "rejected": tokenizer.decode(p.rejected)}) + "\n")
+    return pairs, {"source": d.problems, **stats}
+
+
+def builtin_tokenizer(out: Path):
+    from dscoder.tokenizer import Tokenizer
+
+    if not (out / "tokenizer" / "tokenizer.json").is_file():  # kept on resume
+        texts = [r["prompt"] + c for r in builtin_problems() for c in r["completions"]] * 4
+        Tokenizer.train(texts, vocab_size=320).save(out / "tokenizer")
+    return Tokenizer.load(out / "tokenizer")
+
+
+def train_reward(config: AlignConfig, out: str | Path, resume: bool = False,
+                 max_steps: int | None = None) -> dict[str, Any]:
+    out = Path(out)
+    t, d, m = config.train, config.data, config.method
+    if bool(d.pairs) == bool(d.problems):
+        raise ConfigError("data.pairs: give data.pairs (a preference jsonl) or data.problems (problems with tests, "
+                          "or \"builtin\"), one of them")
+    if not 0 <= d.heldout_fraction < 1:
+        raise ConfigError("data.heldout_fraction: expected a number in [0, 1)")
+    existing = prepare_run(out, config, resume)
+    tokenizer = load_tokenizer(config, required=d.problems != "builtin")
+    if tokenizer is None:
+        tokenizer = builtin_tokenizer(out)
+        config.tokenizer = str((out / "tokenizer").resolve())
+    model = build_policy(config, tokenizer, model_cls=RewardModel)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's")
+    pairs, stats = load_pairs(config, tokenizer, model, out)
+    train_pairs, held = split_heldout(pairs, d.heldout_fraction, t.seed)
+    if not train_pairs:
+        raise DscoderError(f"{stats['source']}: no preference pairs to train on (no problem has both a passing and "
+                           f"a failing program)" if d.problems else f"{d.pairs}: no pairs")
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    metrics = out / "metrics.jsonl"
+    step, rng = 0, random.Random(t.seed)
+    if resume and existing:
+        step = resume_from(existing, model, optimizer, metrics)["step"]
+    elif metrics.exists():
+        metrics.unlink()
+    pad = tokenizer.pad_id
+    summary: dict[str, Any] = {**stats, "train_pairs": len(train_pairs), "heldout_pairs": len(held)}
+    if held:
+        summary["heldout_accuracy_start"] = pairwise_accuracy(model, held, pad=pad)["accuracy"]
+    stop = t.steps if max_steps is None else min(t.steps, max_steps)
+    while step < stop:
+        t0 = time.perf_counter()
+        rng.seed(t.seed * 1000003 + step)  # the batch depends on the step only, so resume is exact
+        loss_sum = acc_sum = 0.0
+        for _ in range(t.grad_accum):
+            chunk = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(t.micro_batch)]
+            ids, lengths, margins = pair_batch(chunk, pad)
+            r = model.rewards(ids, lengths)
+            rc, rr = r[:len(chunk)], r[len(chunk):]
+            loss = bradley_terry_loss(rc, rr, margins + m.margin, m.center)
+            aux = model.last_aux if model.last_aux is not None else torch.zeros(())
+            ((loss + aux) / t.grad_accum).backward()
+            loss_sum += loss.item() / t.grad_accum
+            acc_sum += (rc > rr).float().mean().item() / t.grad_accum
+        grad_norm, lr = optimizer_step(model, optimizer, step, t)
+        step += 1
+        row = {"step": step, "loss": loss_sum, "accuracy": acc_sum, "grad_norm": grad_norm, "lr": lr,
+               "seconds": time.perf_counter() - t0}
+        if held and ((m.eval_every and step % m.eval_every == 0) or step == t.steps):
+            ev = pairwise_accuracy(model, held, pad=pad)
+            row.update(heldout_accuracy=ev["accuracy"], heldout_margin=ev["reward_margin"])
+            summary["heldout_accuracy"] = ev["accuracy"]
+        summary.update(step=step, loss=loss_sum)
+        if step % t.log_every == 0 or step == stop:
+            log_metrics(metrics, row)
+        if step % t.ckpt_every == 0 or step == stop:
+            save_checkpoint(out, step, model, optimizer, {}, config.tokenizer and str(Path(config.tokenizer).resolve())
+                            or (config.model.init and str(Path(config.model.init).resolve())), t.keep_checkpoints)
+    if step == t.steps and t.export:
+        summary["reward_model"] = str(save_reward_model(model, out / "reward_model", tokenizer))
+    return summary
