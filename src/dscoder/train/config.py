@@ -91,21 +91,7 @@ class TrainConfig:
     # ----- loading -------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-        raw: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            try:
-                raw = tomllib.loads(path.read_text())
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: config file not found") from None
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
-            _set_dotted(raw, key.strip(), _parse_value(value.strip()))
-        return cls.from_dict(raw, source=str(path) if path else "config")
+        return cls.from_dict(read_recipe(path, overrides), source=str(path) if path else "config")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -174,6 +160,24 @@ class TrainConfig:
         if self.stages:
             return self.stages
         return [Stage(steps=self.train.steps, seq_len=self.data.seq_len)]
+
+
+def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """A TOML recipe as a dict, with dotted ``key=value`` overrides applied (values parsed as TOML)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+        _set_dotted(raw, key.strip(), _parse_value(value.strip()))
+    return raw
 
 
 def _section(cls, raw: Any, name: str, source: str):

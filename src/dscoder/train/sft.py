@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from dscoder.errors import ConfigError, DscoderError
 from dscoder.train import checkpoint as ckpt
-from dscoder.train.config import ModelSection, TrainSection, _parse_value, _section, _set_dotted
+from dscoder.train.config import ModelSection, TrainSection, _section, read_recipe
 from dscoder.train.optim import build_optimizer, lr_factor
 
 IGNORE = -100
@@ -79,20 +78,8 @@ class AlignConfig:
 def load_recipe(path: str | Path | None, overrides: list[str], name: str, data_cls, method_cls,
                 train_defaults: dict[str, Any] | None = None) -> AlignConfig:
     """Read a TOML recipe (tables model, data, train and ``name``) with dotted ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
     source = str(path) if path else "config"
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
-        _set_dotted(raw, key.strip(), _parse_value(value.strip()))
+    raw = read_recipe(path, overrides)
     unknown = set(raw) - {"model", "data", "train", name}
     if unknown:
         raise ConfigError(f"{source}: unknown config table '{sorted(unknown)[0]}' (a {name} recipe has model, data, "
