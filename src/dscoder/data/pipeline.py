@@ -302,7 +302,7 @@ class TokenizeStage(PipelineStep):
         docs_out = _JsonlGzWriter(out / "documents" / f"{rank:05d}.jsonl.gz")
         rejected = _JsonlGzWriter(out / "rejected" / f"dedup-{rank:05d}.jsonl.gz")
         shard = ShardWriter(out / "tokens", f"{rank:05d}")
-        languages, stats = Counter(), Counter()
+        languages, stats, dropped = Counter(), Counter(), Counter()
         pending: list[dict] = []
 
         def flush():
@@ -316,6 +316,7 @@ class TokenizeStage(PipelineStep):
                 bar.update()
                 rule = remove.get(str(doc["index"]))
                 if rule:
+                    dropped[rule] += 1
                     rejected.write({"path": doc["path"], "id": doc["id"], "rule": rule,
                                     "language": doc["language"], "stage": "dedup"})
                     continue
@@ -330,7 +331,6 @@ class TokenizeStage(PipelineStep):
         shard.close()
         docs_out.close()
         rejected.close()
-        dropped = Counter(remove.get(str(d["index"])) for d in _read_jsonl_gz(src) if str(d["index"]) in remove)
         _write_json(out / "_work" / "stats" / f"tokenize-{rank:05d}.json",
                     {**stats, "languages": languages, "dropped": dropped})
         return

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dscoder.errors import DscoderError
-from dscoder.eval.tasks import Problem, _read_jsonl
+from dscoder.eval.tasks import Problem, _read_jsonl, cut_at_stops
 
 # JVM options that let java start under the sandbox's 1 GiB address-space limit
 _JAVA = "-Xmx256m -Xss8m -XX:ReservedCodeCacheSize=64m -XX:CompressedClassSpaceSize=64m -XX:+UseSerialGC " \
@@ -84,7 +84,7 @@ def _javatuples() -> str | None:
 @dataclass
 class MultiPLEProblem(Problem):
     def program(self, completion: str) -> tuple[str, dict | None]:
-        code = _cut(completion, self.stop)
+        code = cut_at_stops(completion, self.stop)
         lang: Language = self.data["language"]
         call = {"file": lang.file, "command": lang.command, "tools": self.data["tools"]}
         if lang.name == "java":
@@ -94,14 +94,6 @@ class MultiPLEProblem(Problem):
                 call["tools"] = {**call["tools"], "javatuples": jar}
                 call["command"] = call["command"].replace(f"-cp {jar}", "-cp {javatuples}")
         return self.prompt + code + "\n" + self.data["tests"], call
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
-    return text
 
 
 def multipl_e(directory: str | Path | None, languages: list[str] | None = None,

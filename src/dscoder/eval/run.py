@@ -14,7 +14,8 @@ from dscoder.errors import DscoderError
 from dscoder.eval import niah
 from dscoder.eval.multipl_e import multipl_e
 from dscoder.eval.sandbox import Limits, Sandbox
-from dscoder.eval.tasks import PROMPT_VERSION, PROMPT_VERSIONS, TASKS, Problem, load_task, pass_at_k
+from dscoder.eval.tasks import (PROMPT_VERSION, PROMPT_VERSIONS, TASKS, Problem, cut_at_stops, load_task,
+                                pass_at_k)
 
 
 def read_samples(path: str | Path) -> dict[str, list[str]]:
@@ -80,16 +81,9 @@ def generate_endpoint(problems: list[Problem], url: str, model: str | None, n: i
             if p.suffix is not None:
                 body["suffix"] = p.suffix  # FIM, as dscoder serve, vLLM and SGLang take it
             reply = _post(f"{base}/completions", body, api_key)
-            out[p.task_id] = [_cut(c["text"], p.stop) for c in sorted(reply["choices"], key=lambda c: c["index"])]
+            choices = sorted(reply["choices"], key=lambda c: c["index"])
+            out[p.task_id] = [cut_at_stops(c["text"], p.stop) for c in choices]
     return out
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    for s in stops:
-        i = text.find(s)
-        if i >= 0:
-            text = text[:i]
-    return text
 
 
 def _endpoint_model(base: str, api_key: str | None) -> str:

@@ -280,6 +280,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def cut_at_stops(text: str, stops: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop sequence."""
+    for stop in stops:
+        i = text.find(stop)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
 def _strip_code_block(text: str) -> str:
     m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", text, re.S)
     return m.group(1) if m else text

@@ -192,7 +192,6 @@ def _section(cls, raw: Any, name: str, source: str):
     except TypeError as e:
         raise ConfigError(f"{source}: {name}: {e}") from None
     for key, value in raw.items():
-        default = getattr(cls, key, None) if not hasattr(cls, "__dataclass_fields__") else None
         want = known[key].type
         if "float" in str(want) and isinstance(value, int) and not isinstance(value, bool):
             setattr(obj, key, float(value))
@@ -202,7 +201,6 @@ def _section(cls, raw: Any, name: str, source: str):
             raise ConfigError(f"{source}: {name}.{key} = {value!r}: expected true or false")
         elif "float" in str(want) and not isinstance(value, (int, float)) and value is not None:
             raise ConfigError(f"{source}: {name}.{key} = {value!r}: expected a number")
-        del default
     return obj
 
 
