@@ -2,19 +2,24 @@
 
 One run, same random weights (the ``bench_model.py`` shapes), same prompts, greedy, the same number of new tokens.
 Decode tokens/s = (generate N tokens - generate 1 token) / (N - 1) steps x batch, so prefill is left out of both.
+dscoder runs twice: eager, and with ``Engine(compile=True)`` (torch.compile'd decode steps; compile time is spent
+in warm-up, not timed). transformers runs its default eager ``generate``. ``--driver thread`` calls dscoder's
+``generate`` from a second thread, showing what computing off the main thread costs with GNU OpenMP.
 Cache bytes per token: ours from the latent cache (``model.kv_bytes_per_token``), transformers' measured on the
 cache its ``generate`` returns; and the formula for the Lite shapes.
 
     python benchmarks/bench_decode.py [--prompt 128 --new 64 --batches 1 8 --dtype float32 --repeats 3]
+                                      [--no-compile] [--driver caller|thread]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -51,6 +56,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd dscoder engine")
+    ap.add_argument("--driver", choices=["caller", "thread"], default="caller",
+                    help="call dscoder's generate on the main thread (default) or from a second thread")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,53 +73,70 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dscoder.save_model(dscoder.build_model(config, seed=0), tmp)
         hf = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-        engine = Engine(tmp, dtype=dtype, max_batch_size=max(args.batches), max_len=args.prompt + args.new + 8,
-                        sync_every=16)
+        kw = dict(dtype=dtype, max_batch_size=max(args.batches), max_len=args.prompt + args.new + 8, sync_every=16)
+        engines = {"dscoder": Engine(tmp, **kw)}
+        if not args.no_compile:
+            engines["dscoder compiled"] = Engine(tmp, compile=True, **kw)
+    pool = ThreadPoolExecutor(1) if args.driver == "thread" else None
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"{args.dtype}, prompt {args.prompt}, new tokens {args.new}, hidden {CONFIG['hidden_size']}, "
           f"{CONFIG['num_hidden_layers']} layers, {CONFIG['n_routed_experts']} experts top-"
-          f"{CONFIG['num_experts_per_tok']}")
+          f"{CONFIG['num_experts_per_tok']}, dscoder driven from the {args.driver}'s thread", flush=True)
     for batch in args.batches:
         ids = torch.randint(2, CONFIG["vocab_size"], (batch, args.prompt), generator=g)
         mask = torch.ones_like(ids)
         prompts = ids.tolist()
 
-        def ours(n):
-            out = engine.generate(prompts, max_tokens=n, ignore_eos=True)
+        def ours(engine, n):
+            call = lambda: engine.generate(prompts, max_tokens=n, ignore_eos=True)  # noqa: E731
+            out = pool.submit(call).result() if pool is not None else call()
             assert all(len(r.token_ids) == n for r in out)
-            return out
+            return [r.token_ids for r in out]
 
         def theirs(n):
             with torch.inference_mode():
-                return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                   pad_token_id=0)
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=0)
+            return out[:, args.prompt:].tolist()
 
-        ours(2), theirs(2)  # warm up
-        same = [r.token_ids for r in ours(args.new)] == theirs(args.new)[:, args.prompt:].tolist()
-        result = {}
-        for name, fn in (("dscoder", ours), ("transformers", theirs)):
+        fns = {name: functools.partial(ours, e) for name, e in engines.items()}
+        fns["transformers"] = theirs
+        result, same = {}, {}
+        want = theirs(args.new)
+        for name, fn in fns.items():
+            fn(2), fn(3)  # warm up (a compiled engine compiles here: static shapes, then a growing cache)
+            same[name] = fn(args.new) == want
             full, one = _best(lambda: fn(args.new), args.repeats), _best(lambda: fn(1), args.repeats)
             result[name] = batch * (args.new - 1) / max(full - one, 1e-9)
-        rows.append((batch, result["dscoder"], result["transformers"], same))
+            print(f"  batch {batch}: {name} {result[name]:.1f} tok/s", flush=True)
+        rows.append((batch, result, same))
 
     with torch.inference_mode():
         ids = torch.randint(2, CONFIG["vocab_size"], (1, args.prompt), generator=g)
         hf_bytes = _hf_cache_bytes(hf, ids, torch.ones_like(ids))
+    engine = engines["dscoder"]
     ours_bytes = engine.model.kv_bytes_per_token(dtype)
     lite = dscoder.load_model("deepseek-coder-v2-lite", device="meta")
     lite_ours, lite_full = lite.kv_bytes_per_token(torch.bfloat16), lite.kv_bytes_per_token(torch.bfloat16, True)
 
-    print(f"\n{'batch':>5} {'dscoder tok/s':>14} {'transformers tok/s':>19} {'ratio':>7}  same greedy tokens")
-    for batch, ours_tps, theirs_tps, same in rows:
-        print(f"{batch:>5} {ours_tps:>14.1f} {theirs_tps:>19.1f} {ours_tps / theirs_tps:>6.2f}x  {same}")
+    names = [n for n in fns if n != "transformers"]
+    print(f"\n{'batch':>5} " + " ".join(f"{n + ' tok/s':>22}" for n in [*names, "transformers"])
+          + " " + " ".join(f"{'ratio ' + n.split()[-1]:>14}" for n in names) + "  same greedy tokens")
+    for batch, result, same in rows:
+        print(f"{batch:>5} " + " ".join(f"{result[n]:>22.1f}" for n in [*names, "transformers"]) + " "
+              + " ".join(f"{result[n] / result['transformers']:>13.2f}x" for n in names)
+              + "  " + ", ".join(f"{n}: {same[n]}" for n in names))
     print(f"\nKV cache bytes/token ({args.dtype}, this model): dscoder {ours_bytes:,} (latent), transformers "
           f"{hf_bytes:,.0f} (measured on its generate cache) -> {hf_bytes / ours_bytes:.1f}x smaller, expanded K/V "
           f"{engine.model.kv_bytes_per_token(dtype, expanded=True):,}")
     print(f"KV cache bytes/token (bf16, DeepSeek-Coder-V2-Lite shapes): dscoder {lite_ours:,}, expanded "
           f"{lite_full:,} -> {lite_full / lite_ours:.1f}x smaller")
-    engine.close()
+    for e in engines.values():
+        e.close()
+    if pool is not None:
+        pool.shutdown()
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import pytest
 import torch
@@ -218,6 +219,42 @@ def test_stream_matches_generate(engine):
     next(stream)
     stream.close()  # cancels; the engine keeps serving
     assert engine.generate(PROMPTS[1], max_tokens=12, ignore_eos=True).token_ids == ref.token_ids
+
+
+def test_callers_drive_on_their_own_thread_background_requests_on_the_loop(engine):
+    """A waiting caller runs the model on its thread; background requests run where run_loop runs."""
+    import threading
+
+    ids = engine.encode_prompt(PROMPTS[0])
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    seen = []
+    seq = engine.submit(ids, params, on_update=lambda *a: seen.append(threading.get_ident()))
+    assert not seq.done.wait(0.2)  # nobody drives it yet
+    assert engine.wait(seq).token_ids == engine.generate(PROMPTS[0], max_tokens=6, ignore_eos=True).token_ids
+    assert set(seen) == {threading.get_ident()}
+
+    stop, seen = threading.Event(), []
+    loop = threading.Thread(target=engine.run_loop, args=(stop,))
+    loop.start()
+    try:
+        time.sleep(0.05)
+        with pytest.raises(DscoderError, match="already running"):
+            engine.run_loop(stop)
+        bg = engine.submit(ids, params, on_update=lambda *a: seen.append(threading.get_ident()), background=True)
+        assert bg.done.wait(30) and bg.result().token_ids == seq.result().token_ids
+        assert set(seen) == {loop.ident}
+    finally:
+        stop.set()
+        loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_compiled_decode_matches_eager(ckpt, engine):
+    """``compile=True``: torch.compile'd decode steps (the direct expert path) give the eager engine's tokens."""
+    want = engine.generate(PROMPTS, max_tokens=10, ignore_eos=True)
+    with Engine(ckpt, max_batch_size=4, max_len=128, compile=True) as e:
+        got = e.generate(PROMPTS, max_tokens=10, ignore_eos=True, logprobs=0)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
 def test_bfloat16_engine(ckpt):

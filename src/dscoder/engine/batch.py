@@ -153,7 +153,7 @@ class Scheduler:
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch, self.max_len, self.sync_every, self.pad_id = max_batch, max_len, sync_every, pad_id
-        self.decode_fn = decode_fn or model
+        self.decode_fn = decode_fn if decode_fn is not None else model
         cfg = model.config
         self.cache = MLACache(cfg, max_batch, max_len, dtype=self.dtype, device=self.device)
         dev = self.device

@@ -8,6 +8,14 @@
     for chunk in engine.stream("import os"): print(chunk.text, end="")
 
 Every public call is thread-safe: requests from many threads (the server's) join the same batch.
+
+Who runs the model: a caller that waits (``generate``, ``infill``, ``chat``, ``wait``, iterating a ``stream``)
+drives the scheduler on its own thread until its requests are done, unless another thread is driving already,
+in which case it waits for that one. Requests submitted with ``background=True`` (the server's) are driven by
+:meth:`Engine.run_loop` where one runs (``dscoder serve`` runs it on the main thread), else by a background
+thread the engine starts. Computing on the caller's thread matters on CPU: with GNU OpenMP, a second thread
+doing parallel work next to the main thread's idle team makes every parallel region wake sleeping workers,
+which measured 1.3-2x slower decode steps on a 2-core machine (``benchmarks/bench_decode.py --driver thread``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ import torch
 from dscoder.engine.batch import Completion, Scheduler, Sequence
 from dscoder.engine.sampling import SamplingParams
 from dscoder.errors import DscoderError
+
+# Inductor options for the decode step: one-row matmuls (batch-1 decode) become fused multiply-and-sum kernels, which
+# stream weights faster than a BLAS GEMV call on CPU (about 1.5x on the benchmark machine).
+COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 _SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
                   "stop_token_ids", "ignore_eos", "logprobs"}
@@ -45,7 +57,9 @@ class Engine:
     ``source``: a checkpoint directory (its tokenizer is loaded from it when present), a preset name (random
     weights), or a :class:`~dscoder.DeepseekV2`. ``max_batch_size`` rows decode together; ``max_len`` (default:
     the model's context, at most 4096) bounds prompt + output and sizes the cache. ``sync_every`` decode steps run
-    between host syncs (streamed requests sync every step). ``compile`` wraps the decode step in ``torch.compile``.
+    between host syncs (streamed requests sync every step). ``compile`` runs decode steps through ``torch.compile``
+    (prefill stays eager): the first steps at a new batch size compile (seconds to a minute), later ones are faster,
+    see ``benchmarks/bench_decode.py``.
     """
 
     def __init__(self, source, tokenizer=None, *, dtype: torch.dtype | str | None = None,
@@ -76,10 +90,13 @@ class Engine:
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
         pad = tokenizer.pad_id if tokenizer is not None else (self.eos_id or 0)
-        decode_fn = torch.compile(model, dynamic=True) if compile else None
+        decode_fn = torch.compile(model, options=COMPILE_OPTIONS) if compile else None
         self.scheduler = Scheduler(model, max_batch=max_batch_size, max_len=max_len, sync_every=sync_every,
                                    pad_id=pad, decode_fn=decode_fn)
         self._cv = threading.Condition()
+        self._driver: int | None = None  # ident of the thread running scheduler steps now
+        self._background: set[Sequence] = set()  # requests no caller waits for (driven by run_loop)
+        self._loop_owner: str | None = None  # "thread" (our own) or "caller" (run_loop on a caller's thread)
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -118,18 +135,25 @@ class Engine:
         return tok.encode(tok.apply_chat_template(messages), allow_special=True)
 
     # ----- requests -------------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_update=None) -> Sequence:
-        """Queue one request; ``on_update(seq, delta_text, new_ids, finished)`` runs on the engine thread."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_update=None, *,
+               background: bool = False) -> Sequence:
+        """Queue one request; ``on_update(seq, delta_text, new_ids, finished)`` runs on the driving thread.
+
+        The request advances while a thread drives the engine: pass the returned sequence to :meth:`wait`, or
+        submit with ``background=True`` to have :meth:`run_loop` (or the engine's own thread) drive it."""
         self._check_length(prompt_ids)
-        if self._closed:
-            raise DscoderError("the engine is closed")
         seq = Sequence(prompt_ids, params, self.max_len, self.eos_id, self.tokenizer, on_update)
         with self._cv:
+            if self._closed:
+                raise DscoderError("the engine is closed")
             self.scheduler.add(seq)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="dscoder-engine", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+            if background:
+                self._background.add(seq)
+                if self._loop_owner is None:
+                    self._loop_owner = "thread"
+                    self._thread = threading.Thread(target=self._loop, name="dscoder-engine", daemon=True)
+                    self._thread.start()
+            self._cv.notify_all()
         return seq
 
     def _check_length(self, prompt_ids: list[int]) -> None:
@@ -137,29 +161,93 @@ class Engine:
             raise DscoderError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_len} "
                                f"(prompt + at least 1 generated token)")
 
-    def _loop(self) -> None:
+    # ----- driving ------------------------------------------------------------------------------------------
+    def _drive(self, done) -> None:
+        """Run scheduler steps on this thread until ``done()``; while another thread drives, wait for it."""
+        me = threading.get_ident()
         while True:
             with self._cv:
-                while not self._closed and not self.scheduler.has_work():
+                while True:
+                    if done():
+                        return
+                    if self._closed:
+                        self._fail_pending()
+                        continue  # every request has ended now
+                    if self._driver is None and self.scheduler.has_work():
+                        self._driver = me
+                        break
                     self._cv.wait()
-                if self._closed:
-                    self.scheduler.fail_all(DscoderError("the engine was closed"))
-                    return
             try:
-                self.scheduler.step()
-            except Exception as e:  # a model failure ends the requests in flight, not the engine
-                self.scheduler.fail_all(e)
+                while not done() and not self._closed and self.scheduler.has_work():
+                    try:
+                        self.scheduler.step()
+                    except Exception as e:  # a model failure ends the requests in flight, not the engine
+                        self.scheduler.fail_all(e)
+                    with self._cv:
+                        self._cv.notify_all()
+            finally:
+                with self._cv:
+                    self._driver = None
+                    self._cv.notify_all()
+
+    def _fail_pending(self) -> None:
+        """After close: end what is queued or in flight (called with the lock held and no driver)."""
+        if self._driver is None:
+            self.scheduler.fail_all(DscoderError("the engine was closed"))
+            self._cv.notify_all()
+        else:
+            self._cv.wait()
+
+    def _background_idle(self) -> bool:
+        self._background = {s for s in self._background if not s.done.is_set()}
+        return not self._background
+
+    def run_loop(self, stop: threading.Event | None = None) -> None:
+        """Drive ``background=True`` requests on this thread until the engine closes or ``stop`` is set.
+
+        A server runs this on its main thread (the HTTP server in another); without it, the engine starts its own
+        thread for them."""
+        with self._cv:
+            if self._loop_owner is not None:
+                raise DscoderError("this engine's loop is already running on another thread")
+            self._loop_owner = "caller"
+        self._loop(stop)
+
+    def _loop(self, stop: threading.Event | None = None) -> None:
+        stopped = lambda: self._closed or (stop is not None and stop.is_set())  # noqa: E731
+        try:
+            while not stopped():
+                with self._cv:
+                    while not stopped() and self._background_idle():
+                        self._cv.wait(timeout=0.2)  # short, so a signal (Ctrl-C) on the main thread gets through
+                self._drive(lambda: stopped() or self._background_idle())
+        finally:
+            with self._cv:
+                self._loop_owner = None
+                self._cv.notify_all()
+
+    def wait(self, seqs: Sequence | Seq[Sequence]) -> Completion | list[Completion]:
+        """The completions of submitted requests, driving the engine on this thread until they are done."""
+        single = isinstance(seqs, Sequence)
+        seqs = [seqs] if single else list(seqs)
+        self._drive(lambda: all(s.done.is_set() for s in seqs))
+        results = [self._result(s) for s in seqs]
+        return results[0] if single else results
 
     def close(self) -> None:
+        """Stop the engine: queued and running requests end with an error; later calls are refused."""
         with self._cv:
             self._closed = True
-            self._cv.notify()
-        if self._thread is not None:
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        with self._cv:
+            if self._driver is None:
+                self.scheduler.fail_all(DscoderError("the engine was closed"))
+                self._cv.notify_all()
 
     @staticmethod
-    def _wait(seq: Sequence) -> Completion:
-        seq.done.wait()
+    def _result(seq: Sequence) -> Completion:
         if seq.error is not None:
             raise seq.error if isinstance(seq.error, DscoderError) else RuntimeError(f"generation failed: {seq.error}")
         return seq.result()
@@ -186,17 +274,16 @@ class Engine:
         encoded = [self.encode_prompt(p) for p in batch]
         for ids in encoded:  # check every prompt before queueing any
             self._check_length(ids)
-        seqs = [self.submit(ids, params) for ids in encoded]
-        results = [self._wait(s) for s in seqs]
+        results = self.wait([self.submit(ids, params) for ids in encoded])
         return results[0] if single else results
 
     def infill(self, prefix: str, suffix: str, **sampling) -> Completion:
         """The middle between ``prefix`` and ``suffix`` (fill-in-the-middle, DeepSeek's PSM template)."""
-        return self._wait(self.submit(self.fim_ids(prefix, suffix), self.params(**sampling)))
+        return self.wait(self.submit(self.fim_ids(prefix, suffix), self.params(**sampling)))
 
     def chat(self, messages: Seq[Mapping[str, Any]], **sampling) -> Completion:
         """The assistant's reply to ``messages`` ([{"role": "system"|"user"|"assistant", "content": str}])."""
-        return self._wait(self.submit(self.chat_ids(messages), self.params(**sampling)))
+        return self.wait(self.submit(self.chat_ids(messages), self.params(**sampling)))
 
     def stream(self, prompt: str | Seq[int] | None = None, *, messages=None, prefix: str | None = None,
                suffix: str | None = None, **sampling) -> Iterator[StreamChunk]:
@@ -217,9 +304,10 @@ class Engine:
     def _iterate(self, seq: Sequence, chunks: queue.Queue) -> Iterator[StreamChunk]:
         try:
             while True:
+                self._drive(lambda: not chunks.empty())
                 chunk = chunks.get()
                 if chunk.finish_reason == "error":
-                    self._wait(seq)
+                    self._result(seq)
                 yield chunk
                 if chunk.finish_reason is not None:
                     return

@@ -37,11 +37,7 @@ class MLACache:
         return self.kv.shape[2]
 
     def write(self, layer: int, start: int, latent_BTC: torch.Tensor, rope_BTR: torch.Tensor) -> None:
-        end = start + latent_BTC.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} tokens; writing up to position {end}")
-        self.kv[layer, :, start:end, : self.kv_lora_rank] = latent_BTC
-        self.kv[layer, :, start:end, self.kv_lora_rank :] = rope_BTR
+        write_latents(self.kv, layer, start, latent_BTC, rope_BTR)
 
     def read(self, layer: int, end: int) -> torch.Tensor:
         """``[B, end, C + R]`` view of the first ``end`` positions."""
@@ -98,14 +94,25 @@ class MLA(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent_BTC = self.kv_a_layernorm(latent)
         k_rope_BTR = apply_rope(k_rope, cos, sin)
-        T = x_BTD.shape[1]
-        if cache is not None:
-            cache.write(self.layer_idx, start_pos, latent_BTC, k_rope_BTR)
-        if cache is None or (start_pos == 0 and T > 1):
+        if cache is None:
             out_BTHV = self.expanded(q_nope, q_rope, latent_BTC, k_rope_BTR, mask)
         else:
-            out_BTHV = self.absorbed(q_nope, q_rope, cache.read(self.layer_idx, start_pos + T), mask)
+            out_BTHV = self.cached(q_nope, q_rope, latent_BTC, k_rope_BTR, mask, cache, start_pos)
         return self.o_proj(out_BTHV.flatten(2))
+
+    def cached(self, q_nope, q_rope, latent_BTC, k_rope_BTR, mask, cache: MLACache, start_pos: int) -> torch.Tensor:
+        """Write this chunk's latents into the cache and attend: expanded for a prefill from position 0, absorbed
+        over the cache otherwise."""
+        T = latent_BTC.shape[1]
+        if start_pos == 0 and T > 1:
+            cache.write(self.layer_idx, start_pos, latent_BTC, k_rope_BTR)
+            return self.expanded(q_nope, q_rope, latent_BTC, k_rope_BTR, mask)
+        args = (absorbed_query(q_nope, q_rope, self.kv_b_proj.weight), latent_BTC, k_rope_BTR, cache.kv,
+                self.layer_idx, start_pos, mask, self.softmax_scale)
+        # Under torch.compile, an op that declares its cache write: graphs update the cache in place, not a copy.
+        attend = _mla_cached_attention_op if torch.compiler.is_compiling() else mla_cached_attention
+        o_BHTE = attend(*args)
+        return absorbed_output(o_BHTE[..., : self.kv_lora_rank], self.kv_b_proj.weight, self.nope_dim)
 
     def expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent_BSC: torch.Tensor,
                  k_rope_BSR: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -123,22 +130,63 @@ class MLA(nn.Module):
             dropout_p=self.dropout if self.training else 0.0)
         return out.transpose(1, 2)[..., : self.v_dim]
 
-    def absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_BSE: torch.Tensor,
-                 mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention straight against cached latents ``kv_BSE = [latent | rope key]``; returns ``[B, T, H, V]``.
 
-        score = (q_nope W_UK) . latent + q_rope . k_rope, and out = (softmax . latent) W_UV^T, with
-        kv_b_proj's weight viewed as ``[H, N + V, C]``. All heads share one key, so heads fold into the query
-        length and attention is a single-head SDPA over ``H * T`` queries.
-        """
-        B, T, H, _ = q_nope.shape
-        w_HXC = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
-        q_lat_BHTC = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk_HNC)
-        q_BHTE = torch.cat([q_lat_BHTC, q_rope.transpose(1, 2)], dim=-1)
-        if mask is not None:
-            mask = mask.expand(B, H, T, mask.shape[-1]).reshape(B, 1, H * T, -1)
-        o_lat = F.scaled_dot_product_attention(
-            q_BHTE.reshape(B, 1, H * T, -1), kv_BSE[:, None], kv_BSE[:, None, :, : self.kv_lora_rank],
-            attn_mask=mask, scale=self.softmax_scale)  # [B, 1, H*T, C]
-        return torch.einsum("bhtc,hvc->bthv", o_lat.view(B, H, T, -1), w_uv_HVC)
+
+def absorbed_query(q_nope: torch.Tensor, q_rope: torch.Tensor, w_kv_b: torch.Tensor) -> torch.Tensor:
+    """``[q_nope W_UK | q_rope]`` per head: ``[B, H, T, C + R]``."""
+    B, T, H, N = q_nope.shape
+    w_uk_HNC = w_kv_b.view(H, -1, w_kv_b.shape[-1])[:, :N]
+    return torch.cat([torch.einsum("bthn,hnc->bhtc", q_nope, w_uk_HNC), q_rope.transpose(1, 2)], dim=-1)
+
+
+def absorbed_output(o_BHTC: torch.Tensor, w_kv_b: torch.Tensor, nope_dim: int) -> torch.Tensor:
+    """The latent attention output through W_UV: ``[B, T, H, V]``."""
+    H = o_BHTC.shape[1]
+    w_uv_HVC = w_kv_b.view(H, -1, w_kv_b.shape[-1])[:, nope_dim:]
+    return torch.einsum("bhtc,hvc->bthv", o_BHTC, w_uv_HVC)
+
+
+def latent_attention(q_BHTE: torch.Tensor, kv_BSE: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Softmax attention of absorbed queries over the latent cache: ``[B, H, T, C + R]``, whose first C columns are
+    the output (the softmax-weighted latents).
+
+    All heads share one key, so heads fold into the query length: a single-head SDPA over ``H * T`` queries. The
+    values are the latent columns; passing all C + R columns (one head size for q, k and v) lets CPU SDPA take its
+    fused kernel instead of the math path (callers drop the R extra output columns).
+    """
+    B, H, T, E = q_BHTE.shape
+    if mask is not None:
+        mask = mask.expand(B, H, T, mask.shape[-1]).reshape(B, 1, H * T, -1)
+    o = F.scaled_dot_product_attention(q_BHTE.reshape(B, 1, H * T, E), kv_BSE[:, None], kv_BSE[:, None],
+                                       attn_mask=mask, scale=scale)
+    return o.view(B, H, T, E)
+
+
+def write_latents(kv_LBSE: torch.Tensor, layer: int, start: int, latent_BTC: torch.Tensor,
+                  rope_BTR: torch.Tensor) -> None:
+    end, C = start + latent_BTC.shape[1], latent_BTC.shape[-1]
+    if end > kv_LBSE.shape[2]:
+        raise ValueError(f"cache holds {kv_LBSE.shape[2]} tokens; writing up to position {end}")
+    kv_LBSE[layer, :, start:end, :C] = latent_BTC
+    kv_LBSE[layer, :, start:end, C:] = rope_BTR
+
+
+def mla_cached_attention(q_BHTE: torch.Tensor, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor,
+                         kv_LBSE: torch.Tensor, layer: int, start_pos: int, mask: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+    """One layer's cache step: write the chunk's latent and rope key at ``start_pos`` of ``kv_LBSE`` (all layers),
+    then :func:`latent_attention` over positions ``:start_pos + T``; returns ``[B, H, T, C + R]`` (see there)."""
+    write_latents(kv_LBSE, layer, start_pos, latent_BTC, k_rope_BTR)
+    return latent_attention(q_BHTE, kv_LBSE[layer, :, : start_pos + latent_BTC.shape[1]], mask, scale)
+
+
+# The same function as an op that declares its cache write, for torch.compile (called directly in eager mode, where
+# the dispatcher would only add overhead).
+_mla_cached_attention_op = torch.library.custom_op("dscoder::mla_cached_attention", mla_cached_attention,
+                                                   mutates_args=("kv_LBSE",))
+
+
+@_mla_cached_attention_op.register_fake
+def _(q_BHTE, latent_BTC, k_rope_BTR, kv_LBSE, layer, start_pos, mask, scale):
+    return torch.empty_like(q_BHTE)

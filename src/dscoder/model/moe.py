@@ -60,6 +60,10 @@ class Gate(nn.Module):
         return weights_NK, experts_NK, scores_NE
 
 
+# Under torch.compile, up to this many routed slots (tokens x K) take RoutedExperts.forward_direct.
+COMPILED_DIRECT_SLOTS = 256
+
+
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs forward and backward for this device and dtype (probed once)."""
@@ -105,7 +109,8 @@ def expert_swiglu(x_SD: torch.Tensor, weight_S: torch.Tensor, expert_S: torch.Te
     Shared by :class:`RoutedExperts` and the expert-parallel wrapper (which passes its local experts' weights).
     """
     # (no slots happens under expert parallelism: the CPU _grouped_mm backward fails on an empty input)
-    if x_SD.shape[0] > 0 and grouped_mm_works(x_SD.device.type, x_SD.dtype):
+    # (torch.compile has no fp32 _grouped_mm: compiled graphs take the gathered path)
+    if x_SD.shape[0] > 0 and grouped_mm_works(x_SD.device.type, x_SD.dtype) and not torch.compiler.is_compiling():
         counts_E = torch.zeros(gate_up_EOD.shape[0], dtype=torch.int32, device=x_SD.device)
         counts_E.scatter_add_(0, expert_S, torch.ones_like(expert_S, dtype=torch.int32))
         offs_E = counts_E.cumsum(0, dtype=torch.int32)
@@ -131,6 +136,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         N, K = experts_NK.shape
+        if torch.compiler.is_compiling() and N * K <= COMPILED_DIRECT_SLOTS:
+            return self.forward_direct(x_ND, weights_NK, experts_NK)
         flat_S = experts_NK.reshape(-1)
         order_S = torch.argsort(flat_S, stable=True)
         y_SD = expert_swiglu(x_ND[order_S // K], weights_NK.reshape(-1)[order_S], flat_S[order_S],
@@ -138,6 +145,16 @@ class RoutedExperts(nn.Module):
         # Undo the sort and add each token's K expert outputs (the sum accumulates in fp32).
         y_unsorted = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD)
         return y_unsorted.view(N, K, -1).sum(dim=1)
+
+    def forward_direct(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
+        """Each slot reads its expert's rows where they lie: products and sums over ``W[expert]`` with no sort and
+        no gathered copy once torch.compile fuses the indexing into the reductions (for decode-sized batches; in
+        eager mode ``W[experts]`` would be copied out)."""
+        gate_up_NKO = (x_ND[:, None, None, :] * self.gate_up_proj[experts_NK]).sum(-1)
+        gate, up = gate_up_NKO.float().chunk(2, dim=-1)
+        act_NKI = (F.silu(gate) * up * weights_NK[..., None]).to(x_ND.dtype)
+        y_NKD = (act_NKI[:, :, None, :] * self.down_proj[experts_NK]).sum(-1)
+        return y_NKD.float().sum(dim=1).to(x_ND.dtype)
 
     def forward_reference(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Plain path: every expert in turn over the tokens that chose it. For tests."""

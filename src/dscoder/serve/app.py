@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -143,7 +144,7 @@ def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | No
         for i, (ids, p) in enumerate(zip(prompts, params)):
             def on_update(seq, delta, new, done, i=i):
                 loop.call_soon_threadsafe(updates.put_nowait, (i, delta, new, done))
-            seqs.append(engine.submit(ids, p, on_update=on_update))
+            seqs.append(engine.submit(ids, p, on_update=on_update, background=True))
         return seqs, updates
 
     async def collect(seqs: list[Sequence], updates: asyncio.Queue) -> None:
@@ -405,8 +406,28 @@ def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | No
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "dscoder",
           api_key: str | None = None, limits: Limits | None = None, log_level: str = "info") -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted: HTTP on a second thread, the engine's loop on this one (on CPU, model
+    compute on the thread that loaded the model avoids a second OpenMP team; see :mod:`dscoder.engine.engine`)."""
     import uvicorn
 
     app = create_app(engine, model_name=model_name, api_key=api_key, limits=limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    stopped = threading.Event()
+
+    def run_http():
+        try:
+            server.run()
+        finally:
+            stopped.set()
+
+    http = threading.Thread(target=run_http, name="dscoder-http", daemon=True)
+    http.start()
+    try:
+        engine.run_loop(stop=stopped)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
+    if not server.started:
+        raise DscoderError(f"the server did not start on {host}:{port} (see the log above)")

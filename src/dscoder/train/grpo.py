@@ -233,7 +233,7 @@ def rollout(engine, items: list[dict], group_size: int, g: GRPOSection, seed: in
             params = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                     seed=(seed * 1_000_003 + i * 1009 + j) & 0x7FFFFFFF, stop=stop)
             seqs.append(engine.submit(item["ids"], params))
-    return [engine._wait(s) for s in seqs]
+    return engine.wait(seqs)
 
 
 def batch_tensors(items: list[dict], completions: list, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -229,7 +229,7 @@ def sample_completions(model, tokenizer, rows: list[tuple[str, dict]], n: int, t
                                               stop=("\ndef ", "\nclass ", "\nif __name__")))
                  for i in range(n)] for j, row in enumerate(todo)]
         for row, group in zip(todo, seqs):
-            row["completions"] = [Engine._wait(s).text for s in group]
+            row["completions"] = [c.text for c in engine.wait(group)]
     model.train()
 
 
