@@ -187,3 +187,42 @@ def test_32_concurrent_streaming_clients(server, client):
         results = list(pool.map(run, range(32)))
     assert all(reason == "length" for _, reason in results)
     assert [text for text, _ in results[:4]] == [r.text for r in refs]
+
+
+def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path):
+    """``dscoder serve``: HTTP on a helper thread, the engine loop on the main thread; SIGINT ends it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import sys; from dscoder.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(ckpt), "--port", str(port),
+                             "--max-len", "64", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up: " + proc.stdout.read() if proc.poll() is not None else "")
+        body = json.dumps({"model": str(ckpt), "prompt": "def f(x):", "max_tokens": 5, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert answer["usage"]["completion_tokens"] >= 1 and answer["choices"][0]["finish_reason"] in ("stop", "length")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -13,6 +13,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    _compile_arg(p)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -21,6 +22,12 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens whatever the model says")
+
+
+def _compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster decoding after a compile (seconds to a minute) at "
+                        "each new batch size")
 
 
 def _sampling(args) -> dict:
@@ -32,7 +39,8 @@ def _sampling(args) -> dict:
 def _engine(args, **kw):
     from dscoder.engine import Engine
 
-    engine = Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, **kw)
+    engine = Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, compile=args.compile,
+                    **kw)
     if engine.tokenizer is None:
         raise DscoderError(f"{args.model}: no tokenizer.json in the checkpoint; pass --tokenizer DIR")
     return engine
@@ -96,9 +104,12 @@ def serve(args) -> int:
         raise DscoderError(f"--port: expected 1..65535, got {args.port}")
     engine = _engine(args, max_batch_size=args.max_batch, max_len=args.max_len)
     limits = Limits(max_tokens=args.max_tokens_cap, max_concurrent=args.max_concurrent)
+    if args.compile:
+        print("dscoder serve: compiling the decode step (--compile) ...", file=sys.stderr, flush=True)
+        engine.warmup()
     try:
         run_server(engine, host=args.host, port=args.port, model_name=args.model_name or args.model,
-                   api_key=args.api_key, limits=limits)
+                   api_key=args.api_key, limits=limits, log_level=args.log_level)
     finally:
         engine.close()
     return 0
@@ -134,6 +145,7 @@ def register(subparsers) -> None:
     s.add_argument("--tokenizer", metavar="DIR")
     s.add_argument("--dtype", choices=["float32", "bfloat16"])
     s.add_argument("--device", default="cpu")
+    _compile_arg(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
@@ -142,4 +154,6 @@ def register(subparsers) -> None:
     s.add_argument("--max-len", type=int, help="context in tokens: prompt + output (default: min(model, 4096))")
     s.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
     s.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     s.set_defaults(func=serve)

@@ -314,6 +314,13 @@ class Engine:
         finally:
             seq.cancelled = True
 
+    def warmup(self) -> None:
+        """Decode a few steps at batch 1 and 2: a compiled engine compiles its decode graphs now, not on the first
+        requests (batch 1 gets its own graph; larger batches share one)."""
+        ids = [0] * min(4, self.max_len - 4)
+        for k in (1, 2):
+            self.generate([ids] * k, max_tokens=3, ignore_eos=True)
+
     def __enter__(self):
         return self
 
