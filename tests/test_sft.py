@@ -11,7 +11,7 @@ import torch
 import dscoder
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
-from dscoder.train.sft import (IGNORE, SFTData, SFTSection, collate, document_mask, encode_chat, forward_hidden,
+from dscoder.train.sft import (IGNORE, SFTData, SFTSection, collate, document_mask, encode_chat,
                                load_recipe, make_example, pack, sft)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_packing_keeps_documents_apart(tok_dir):
     rows = pack(examples, 128, tok.pad_id)
     assert len(rows) < len(examples) and max(rows[0]["doc"]) >= 1
     batch = collate(rows)
-    h, _ = forward_hidden(model, batch["ids"], document_mask(batch["doc"]), batch["pos"])
+    h, _ = model.hidden(batch["ids"], document_mask(batch["doc"]), batch["pos"])
     r, doc = 0, 1  # the second conversation of the first row equals that conversation alone
     sel = batch["doc"][r] == doc
     alone = model(batch["ids"][r][sel][None]).logits[0]
@@ -79,6 +79,8 @@ def test_packing_keeps_documents_apart(tok_dir):
     m = document_mask(batch["doc"])[0, 0]
     first_len = int((batch["doc"][0] == 0).sum())
     assert not m[first_len:, :first_len].any() and m[first_len, first_len]
+    with pytest.raises(ValueError, match="4-D attention_mask must be bool"):
+        model.hidden(batch["ids"], document_mask(batch["doc"])[:, :, 1:])
 
 
 def recipe(tok_dir, data, *overrides):

@@ -61,7 +61,7 @@ class DeepseekV2(nn.Module):
     ``model(input_ids [B, T], attention_mask [B, S] | None, position_ids [B, T] | None, cache, start_pos)``
     returns a :class:`ModelOutput`. Without a cache, ``S == T``. With an :class:`MLACache`, the tokens occupy
     positions ``start_pos .. start_pos+T-1`` of the cache and ``attention_mask`` (if given) covers all
-    ``S = start_pos + T`` cached positions. A multi-token chunk at ``start_pos == 0`` (prefill) runs the
+    ``S = start_pos + T`` cached positions; a ``[B, 1, T, S]`` bool mask is used as given. A multi-token chunk at ``start_pos == 0`` (prefill) runs the
     expanded attention path; everything after it runs the absorbed path over the latent cache.
     """
 
@@ -77,6 +77,18 @@ class DeepseekV2(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: MLACache | None = None, start_pos: int = 0,
                 logits_to_keep: int = 0) -> ModelOutput:
+        h, aux_total = self.hidden(input_ids, attention_mask, position_ids, cache, start_pos)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return ModelOutput(logits=self.lm_head(h), aux_loss=aux_total)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, cache: MLACache | None = None,
+               start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trunk: final-norm hidden states ``[B, T, D]`` and the summed balance loss (training), no LM head.
+
+        ``attention_mask`` is a ``[B, S]`` padding mask, or a full ``[B, 1, T, S]`` bool mask (True = attend) used
+        as given, e.g. block-diagonal masks of packed documents."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(start_pos, start_pos + T, device=input_ids.device).expand(B, T)
@@ -88,17 +100,19 @@ class DeepseekV2(nn.Module):
             h, aux = layer(h, cos, sin, mask, cache, start_pos)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        h = self.model.norm(h)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return ModelOutput(logits=self.lm_head(h), aux_loss=aux_total)
+        return self.model.norm(h), aux_total
 
     @staticmethod
     def _mask(attention_mask, B, T, start_pos, device) -> torch.Tensor | None:
         """``[B, 1, T, S]`` bool (True = attend), or None where SDPA's own causal flag (or nothing) suffices."""
+        S = start_pos + T
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.shape != (B, 1, T, S) or attention_mask.dtype != torch.bool:
+                raise ValueError(f"a 4-D attention_mask must be bool {(B, 1, T, S)}; got {attention_mask.dtype} "
+                                 f"{tuple(attention_mask.shape)}")
+            return attention_mask
         if attention_mask is None and (T == 1 or start_pos == 0):
             return None
-        S = start_pos + T
         q_pos = torch.arange(start_pos, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
         allowed = (k_pos <= q_pos)[None, None].expand(B, 1, T, S)

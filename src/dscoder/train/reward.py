@@ -38,7 +38,7 @@ from dscoder.config import ModelConfig
 from dscoder.errors import ConfigError, DscoderError
 from dscoder.model import DeepseekV2
 from dscoder.train.optim import build_optimizer
-from dscoder.train.sft import (AlignConfig, build_policy, forward_hidden, load_tokenizer, log_metrics, optimizer_step,
+from dscoder.train.sft import (AlignConfig, build_policy, load_tokenizer, log_metrics, optimizer_step,
                                prepare_run, read_jsonl, resume_from, save_checkpoint)
 
 HEAD_FILE = "reward_head.safetensors"
@@ -54,7 +54,7 @@ class RewardModel(DeepseekV2):
         self.score = nn.Linear(config.hidden_size, 1, bias=False)
 
     def rewards(self, ids_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-        h_BTD, aux = forward_hidden(self, ids_BT)
+        h_BTD, aux = self.hidden(ids_BT)
         self.last_aux = aux
         last = h_BTD[torch.arange(ids_BT.shape[0], device=ids_BT.device), lengths_B - 1]
         return self.score(last).squeeze(-1).float()

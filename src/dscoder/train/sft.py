@@ -157,23 +157,6 @@ def build_policy(config: AlignConfig, tokenizer, model_cls=None, device="cpu"):
     return model.float().train()
 
 
-def forward_hidden(model, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``DeepseekV2.forward`` up to the final norm, with a full ``[B, 1, T, T]`` bool mask (True = attend) allowed:
-    returns ``(h_BTD, aux_loss)``. (``DeepseekV2.forward`` only takes a ``[B, S]`` padding mask and returns logits.)"""
-    B, T = input_ids.shape
-    if position_ids is None:
-        position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-    cos, sin = model.model.rotary(position_ids)
-    h = model.model.embed_tokens(input_ids)
-    aux_total = None
-    for layer in model.model.layers:
-        h, aux = layer(h, cos, sin, mask, None, 0)
-        if aux is not None:
-            aux_total = aux if aux_total is None else aux_total + aux
-    return model.model.norm(h), aux_total
-
-
 def document_mask(doc_BT: torch.Tensor) -> torch.Tensor:
     """Block-diagonal causal mask ``[B, 1, T, T]``: a token sees the earlier tokens of its own document only."""
     T = doc_BT.shape[1]
@@ -329,7 +312,7 @@ def chat_rows(path, tokenizer, seq_len: int, packing: bool) -> tuple[list[dict],
 # ----- the loop --------------------------------------------------------------------------------------------------
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """(summed next-token loss over assistant tokens, MoE balance loss, number of assistant tokens)."""
-    h, aux = forward_hidden(model, batch["ids"], document_mask(batch["doc"]), batch["pos"])
+    h, aux = model.hidden(batch["ids"], document_mask(batch["doc"]), batch["pos"])
     logits = model.lm_head(h).float()
     loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, aux, int((batch["labels"] != IGNORE).sum())
