@@ -253,7 +253,7 @@ def test_compiled_decode_matches_eager(ckpt, engine):
     """``compile=True``: torch.compile'd decode steps (the direct expert path) give the eager engine's tokens."""
     want = engine.generate(PROMPTS, max_tokens=10, ignore_eos=True)
     with Engine(ckpt, max_batch_size=4, max_len=128, compile=True) as e:
-        e.warmup()  # compiles batch 1 and the shared larger-batch graph
+        e.warmup()  # compiles the graphs of buckets 1, 2 and 4
         got = e.generate(PROMPTS, max_tokens=10, ignore_eos=True, logprobs=0)
         assert e.generate(PROMPTS[1], max_tokens=10, ignore_eos=True).token_ids == want[1].token_ids
     assert [r.token_ids for r in got] == [r.token_ids for r in want]

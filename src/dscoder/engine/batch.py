@@ -11,6 +11,8 @@ reaches the end, rows are compacted (their entries gathered to the right end) an
 
 Decode runs ``sync_every`` steps between host syncs (one step when a request streams); requests join and leave
 at those syncs. A row that finished inside a block decodes garbage until the sync, which is then ignored.
+With compiled decode steps, the decoded slot prefix is rounded up to a bucket (1, 2, 4, ..., max_batch): each
+bucket gets a graph specialized to its batch size, and the free rows in it decode tokens nobody reads.
 """
 
 from __future__ import annotations
@@ -154,6 +156,13 @@ class Scheduler:
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch, self.max_len, self.sync_every, self.pad_id = max_batch, max_len, sync_every, pad_id
         self.decode_fn = decode_fn if decode_fn is not None else model
+        # Compiled decode: batch sizes 1, 2, 4, ... up to max_batch (and max_batch itself).
+        self.buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}) \
+            if decode_fn is not None else []
+        if self.buckets:  # room for a graph per bucket (+1: the first graph, before the cache length is dynamic)
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.buckets) + 2)
         cfg = model.config
         self.cache = MLACache(cfg, max_batch, max_len, dtype=self.dtype, device=self.device)
         dev = self.device
@@ -280,7 +289,7 @@ class Scheduler:
         if self.cursor + n_steps > self.max_len:
             self._compact()
             n_steps = min(n_steps, self.max_len - self.cursor)
-        nb = active[-1] + 1  # decode the slot prefix that holds every active row
+        nb = self._decode_rows(active[-1] + 1)
         view = self.cache.rows(nb)
         live = torch.zeros(nb, dtype=torch.bool, device=self.device)
         live[torch.tensor(active, device=self.device)] = True
@@ -290,8 +299,11 @@ class Scheduler:
         toks, lps, tids, tlps = [], [], [], []
         for _ in range(n_steps):
             self.mask[:nb, self.cursor] = live
-            logits = self.decode_fn(self.last[:nb, None], attention_mask=self.mask[:nb, : self.cursor + 1],
-                                    position_ids=self.pos[:nb, None], cache=view,
+            ids, mask, pos = self.last[:nb, None], self.mask[:nb, : self.cursor + 1], self.pos[:nb, None]
+            if self.buckets:  # one graph per bucket, specialized to its batch size
+                for t, dim in ((ids, 0), (mask, 0), (pos, 0), (view.kv, 1)):
+                    torch._dynamo.mark_static(t, dim)
+            logits = self.decode_fn(ids, attention_mask=mask, position_ids=pos, cache=view,
                                     start_pos=self.cursor).logits[:, -1]
             token, lp, top_ids, top_lp = sample(logits, row_params, self.steps[:nb], needs,
                                                 self.seen[:nb] if needs.penalty else None)
@@ -300,6 +312,11 @@ class Scheduler:
             self.cursor += 1
             toks.append(token), lps.append(lp), tids.append(top_ids), tlps.append(top_lp)
         self._deliver(list(range(nb)), toks, lps, tids, tlps)
+
+    def _decode_rows(self, n: int) -> int:
+        """Rows a decode step runs: the slot prefix holding every active row, rounded up to a bucket when steps
+        are compiled (a graph per bucket, not per batch size; the extra rows decode ignored tokens)."""
+        return next((b for b in self.buckets if b >= n), n)
 
     def _deliver(self, slots: list[int], toks, lps, tids, tlps) -> None:
         """The one host sync of a block: hand each row's tokens to its sequence, free the finished rows."""

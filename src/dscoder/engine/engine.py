@@ -315,10 +315,10 @@ class Engine:
             seq.cancelled = True
 
     def warmup(self) -> None:
-        """Decode a few steps at batch 1 and 2: a compiled engine compiles its decode graphs now, not on the first
-        requests (batch 1 gets its own graph; larger batches share one)."""
+        """Decode a few steps at every batch bucket, so that a compiled engine compiles its decode graphs now rather
+        than on the first requests (see :mod:`dscoder.engine.batch`); an eager engine just runs one short request."""
         ids = [0] * min(4, self.max_len - 4)
-        for k in (1, 2):
+        for k in self.scheduler.buckets or [1]:
             self.generate([ids] * k, max_tokens=3, ignore_eos=True)
 
     def __enter__(self):
