@@ -159,3 +159,20 @@ def test_long_context_recipe_runs(data_dir, tmp_path):
         f"data.sources=[{{path='{data_dir}', weight=0.5}}, {{path='{data_dir}', weight=0.5, min_tokens=1024}}]"])
     last = pretrain(config, tmp_path / "long")
     assert last["seq_len"] == 128 and last["step"] == 1
+
+
+def test_init_with_overrides_reuses_the_loaded_weights():
+    """model.init + non-shape overrides: a new config over the same tensors (no second copy); shape changes refused."""
+    import dscoder
+    from dscoder.train.pretrain import _rebuild_with
+
+    model = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=0)
+    cfg = model.config.replace(aux_loss_alpha=0.05)
+    fresh = _rebuild_with(model, cfg)
+    assert fresh.config.aux_loss_alpha == 0.05 and fresh.model.layers[1].mlp.config.aux_loss_alpha == 0.05
+    assert fresh.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(ids).logits, model.eval()(ids).logits)
+    with pytest.raises(ConfigError, match="change the shapes"):
+        _rebuild_with(model, model.config.replace(moe_intermediate_size=8))

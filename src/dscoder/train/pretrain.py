@@ -79,21 +79,27 @@ def build(config: TrainConfig, mcfg: ModelConfig, d: Dist) -> torch.nn.Module:
     if config.model.init:
         model = dscoder.load_model(config.model.init, dtype=torch.float32, device=d.device)
         if model.config != mcfg:
-            model = _rebuild_with(model, mcfg, d)
+            model = _rebuild_with(model, mcfg)
     else:
         model = dscoder.build_model(mcfg, dtype=torch.float32, device=d.device, seed=config.train.seed)
     return model.train()
 
 
-def _rebuild_with(model, mcfg: ModelConfig, d: Dist):
-    """An init checkpoint with overridden non-shape fields (e.g. aux_loss_alpha): same weights, new config."""
+def _rebuild_with(model, mcfg: ModelConfig):
+    """An init checkpoint with overridden non-shape fields (e.g. aux_loss_alpha): same weights, new config.
+
+    The new modules are built on the meta device and take the loaded tensors as they are (``assign``): the weights
+    are never held twice."""
     import dscoder
 
-    fresh = dscoder.build_model(mcfg, dtype=torch.float32, device=d.device)
+    fresh = dscoder.build_model(mcfg, device="meta")
     try:
-        fresh.load_state_dict(model.state_dict())
+        fresh.load_state_dict(model.state_dict(), assign=True)
     except RuntimeError as e:
         raise ConfigError(f"model overrides change the shapes of model.init's weights: {str(e).splitlines()[0]}") from None
+    if mcfg.tie_word_embeddings:
+        fresh.lm_head.weight = fresh.model.embed_tokens.weight
+    fresh.reset_buffers()  # the rope tables are not in the state dict
     return fresh
 
 
