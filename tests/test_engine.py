@@ -249,7 +249,7 @@ def test_callers_drive_on_their_own_thread_background_requests_on_the_loop(engin
     assert not loop.is_alive()
 
 
-def test_compiled_decode_matches_eager(ckpt, engine):
+def test_compiled_decode_matches_eager(ckpt, engine, capsys):
     """``compile=True``: torch.compile'd decode steps (the direct expert path) give the eager engine's tokens."""
     want = engine.generate(PROMPTS, max_tokens=10, ignore_eos=True)
     with Engine(ckpt, max_batch_size=4, max_len=128, compile=True) as e:
@@ -257,6 +257,9 @@ def test_compiled_decode_matches_eager(ckpt, engine):
         got = e.generate(PROMPTS, max_tokens=10, ignore_eos=True, logprobs=0)
         assert e.generate(PROMPTS[1], max_tokens=10, ignore_eos=True).token_ids == want[1].token_ids
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    capsys.readouterr()
+    assert _cli(["generate", "--model", str(ckpt), "--compile", "--max-tokens", "10", "--ignore-eos", PROMPTS[1]]) == 0
+    assert capsys.readouterr().out == want[1].text + "\n"
 
 
 def test_bfloat16_engine(ckpt):
