@@ -262,6 +262,38 @@ def test_compiled_decode_matches_eager(ckpt, engine, capsys):
     assert capsys.readouterr().out == want[1].text + "\n"
 
 
+def test_prefix_cache_reuses_prompt_blocks_with_the_same_results(ckpt, engine):
+    """A prompt sharing 64 tokens with an earlier one prefills only its rest and decodes what no cache gives."""
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(3, 300, (70,), generator=g).tolist()
+    a, b = shared + [5, 6, 7], shared + [8, 9]
+    with Engine(ckpt, max_batch_size=4, max_len=128, prefix_cache_mb=4) as e:
+        cache = e.scheduler.prefix_cache
+        first = e.generate(a, max_tokens=8, ignore_eos=True, logprobs=0)
+        assert cache.hit_tokens == 0 and len(cache.blocks) == 2  # blocks of 32: tokens 0-31 and 32-63
+        second = e.generate([b, a], max_tokens=8, ignore_eos=True, logprobs=0)
+        assert cache.hit_tokens == 128  # both prompts took 64 cached tokens
+    for got, prompt in ((first, a), (second[0], b), (second[1], a)):
+        want, want_lp = reference_greedy(engine.model, prompt, 8)
+        assert got.token_ids == want
+        assert max(abs(x - y) for x, y in zip(got.logprobs, want_lp)) < 1e-4
+
+
+def test_prefix_cache_stays_within_its_budget():
+    from dscoder.engine.batch import PrefixCache
+
+    cache = PrefixCache(max_bytes=3 * 2 * 4 * 5 * 4, block=4)  # room for 3 blocks of [2 layers, 4 tokens, 5] fp32
+    entries = torch.randn(2, 20, 5)
+    cache.store(list(range(20)), entries)  # 5 full blocks: the first 2 are dropped
+    assert len(cache.blocks) == 3 and cache.nbytes <= cache.max_bytes
+    assert cache.lookup(list(range(20))) == (0, None)  # block 0 is gone, so no prefix matches
+    cache.store(list(range(9)), entries[:, :9])
+    m, got = cache.lookup(list(range(9)))
+    assert m == 8 and torch.equal(got, entries[:, :8])
+    with pytest.raises(DscoderError, match="prefix_cache_mb"):
+        Engine("tiny", prefix_cache_mb=-1)
+
+
 def test_bfloat16_engine(ckpt):
     with Engine(ckpt, dtype="bfloat16", max_len=64) as e:
         assert e.model.lm_head.weight.dtype == torch.bfloat16

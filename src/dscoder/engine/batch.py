@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -147,11 +147,63 @@ class Sequence:
                           self.logprobs, self.top_logprobs)
 
 
+class PrefixCache:
+    """Cache entries of prompt prefixes, kept in blocks of ``block`` tokens, least recently used dropped first.
+
+    Block i of a prompt is keyed by its tokens and every token before it (a chained hash), so a hit means the same
+    tokens at the same positions, hence the same latents and rotated keys. A joining request whose prompt starts
+    with cached blocks copies them and prefills only the rest (absorbed path, one chunk).
+    """
+
+    def __init__(self, max_bytes: int, block: int = 32):
+        self.max_bytes, self.block = max_bytes, block
+        self.blocks: OrderedDict[int, torch.Tensor] = OrderedDict()  # key -> [layers, block, C + R]
+        self.nbytes = 0
+        self.hit_tokens = 0  # prompt tokens not prefilled thanks to the cache (for stats and tests)
+
+    def _keys(self, ids: list[int], n_blocks: int) -> list[int]:
+        keys, key = [], 0
+        for i in range(n_blocks):
+            key = hash((key, tuple(ids[i * self.block:(i + 1) * self.block])))
+            keys.append(key)
+        return keys
+
+    def lookup(self, ids: list[int]) -> tuple[int, torch.Tensor | None]:
+        """``(m, entries [layers, m, C + R])`` for the longest cached block prefix leaving >= 1 token to prefill."""
+        found = []
+        for key in self._keys(ids, (len(ids) - 1) // self.block):
+            block = self.blocks.get(key)
+            if block is None:
+                break
+            self.blocks.move_to_end(key)
+            found.append(block)
+        if not found:
+            return 0, None
+        self.hit_tokens += len(found) * self.block
+        return len(found) * self.block, torch.cat(found, dim=1)
+
+    def store(self, ids: list[int], entries: torch.Tensor) -> None:
+        """Keep the full blocks of a prompt whose entries ``[layers, len(ids), C + R]`` were just computed."""
+        for i, key in enumerate(self._keys(ids, len(ids) // self.block)):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+                continue
+            block = entries[:, i * self.block:(i + 1) * self.block].clone()
+            size = block.numel() * block.element_size()
+            if size > self.max_bytes:
+                return
+            while self.nbytes + size > self.max_bytes:
+                _, old = self.blocks.popitem(last=False)
+                self.nbytes -= old.numel() * old.element_size()
+            self.blocks[key] = block
+            self.nbytes += size
+
+
 class Scheduler:
     """Slots over one :class:`MLACache`; :meth:`step` admits waiting requests and decodes a block of tokens."""
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, sync_every: int = 8, pad_id: int = 0,
-                 decode_fn: Callable | None = None):
+                 decode_fn: Callable | None = None, prefix_cache_bytes: int = 0):
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch, self.max_len, self.sync_every, self.pad_id = max_batch, max_len, sync_every, pad_id
@@ -175,6 +227,7 @@ class Scheduler:
         self.slots: list[Sequence | None] = [None] * max_batch
         self.cursor = 0
         self.waiting: deque[Sequence] = deque()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     # ----- bookkeeping ----------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -240,11 +293,24 @@ class Scheduler:
                     break
             take.append(self.waiting.popleft())
             longest = n
-        if take:
-            self._prefill(take, free[: len(take)])
+        if not take:
+            return
+        slots = free[: len(take)]
+        plain = []
+        for seq, slot in zip(take, slots):
+            m, entries = self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache else (0, None)
+            if m:
+                self._prefill([seq], [slot], entries)
+            else:
+                plain.append((seq, slot))
+        if plain:
+            self._prefill([q for q, _ in plain], [slot for _, slot in plain])
 
-    def _prefill(self, seqs: list[Sequence], slots: list[int]) -> None:
-        """Left-padded prefill of the joining requests (expanded path) into a scratch cache, then into their rows."""
+    def _prefill(self, seqs: list[Sequence], slots: list[int], prefix: torch.Tensor | None = None) -> None:
+        """Left-padded prefill of the joining requests (expanded path) into a scratch cache, then into their rows.
+
+        With ``prefix`` (cached entries ``[layers, m, C + R]`` of the first m prompt tokens; one request), only the
+        rest of the prompt runs, as one chunk over the copied entries."""
         k, N = len(seqs), max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((k, N), self.pad_id, dtype=torch.long)
         am = torch.zeros(k, N, dtype=torch.bool)
@@ -254,8 +320,17 @@ class Scheduler:
         ids, am = ids.to(self.device), am.to(self.device)
         pos = (am.long().cumsum(1) - 1).clamp(min=0)
         scratch = MLACache(self.model.config, k, N, dtype=self.dtype, device=self.device)
-        logits = self.model(ids, attention_mask=None if bool(am.all()) else am, position_ids=pos, cache=scratch,
-                            logits_to_keep=1).logits[:, -1]
+        if prefix is not None:
+            m = prefix.shape[1]
+            scratch.kv[:, 0, :m] = prefix
+            logits = self.model(ids[:, m:], position_ids=pos[:, m:], cache=scratch, start_pos=m,
+                                logits_to_keep=1).logits[:, -1]
+        else:
+            logits = self.model(ids, attention_mask=None if bool(am.all()) else am, position_ids=pos, cache=scratch,
+                                logits_to_keep=1).logits[:, -1]
+        if self.prefix_cache is not None:
+            for j, s in enumerate(seqs):
+                self.prefix_cache.store(s.prompt_ids, scratch.kv[:, j, N - len(s.prompt_ids):])
         end = max(self.cursor, N)
         rows = torch.tensor(slots, device=self.device)
         self.cache.kv[:, rows, end - N:end] = scratch.kv

@@ -30,6 +30,12 @@ def _compile_arg(p: argparse.ArgumentParser) -> None:
                         "each new batch size")
 
 
+def _prefix_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache-mb", type=int, default=256, metavar="MB",
+                   help="memory for cached prompt prefixes: a prompt that starts like an earlier one prefills only the "
+                        "rest (0 = off; default 256)")
+
+
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
@@ -40,7 +46,7 @@ def _engine(args, **kw):
     from dscoder.engine import Engine
 
     engine = Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, compile=args.compile,
-                    **kw)
+                    prefix_cache_mb=getattr(args, "prefix_cache_mb", 0), **kw)
     if engine.tokenizer is None:
         raise DscoderError(f"{args.model}: no tokenizer.json in the checkpoint; pass --tokenizer DIR")
     return engine
@@ -136,6 +142,7 @@ def register(subparsers) -> None:
                               description="Chat with an instruct checkpoint in the DeepSeek-Coder-V2 template.")
     c.add_argument("--system", help="system prompt")
     _sampling_args(c)
+    _prefix_cache_arg(c)
     c.set_defaults(func=chat)
 
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
@@ -146,6 +153,7 @@ def register(subparsers) -> None:
     s.add_argument("--dtype", choices=["float32", "bfloat16"])
     s.add_argument("--device", default="cpu")
     _compile_arg(s)
+    _prefix_cache_arg(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")

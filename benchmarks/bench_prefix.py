@@ -1,0 +1,61 @@
+"""Time to first token with and without the prefix cache, for prompts that share a prefix with an earlier one.
+
+Same random weights as ``bench_model.py``; each request is a shared prefix plus its own tail (an editor sending the
+file above the cursor again, a chat resending its history). Prints the median time to first token (one generated
+token: prefill + one sample) for an engine with ``prefix_cache_mb=0`` and one with the cache, side by side.
+
+    python benchmarks/bench_prefix.py [--shared 480 --tail 32 --requests 5 --dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_model import CONFIG  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=int, default=480, help="tokens every prompt shares")
+    ap.add_argument("--tail", type=int, default=32, help="tokens of each prompt's own tail")
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+
+    import dscoder
+    from dscoder.engine import Engine
+
+    model = dscoder.build_model(dscoder.ModelConfig(**CONFIG), dtype=args.dtype, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(2, CONFIG["vocab_size"], (args.shared,), generator=g).tolist()
+    prompts = [shared + torch.randint(2, CONFIG["vocab_size"], (args.tail,), generator=g).tolist()
+               for _ in range(args.requests + 1)]
+    max_len = args.shared + args.tail + 8
+    times, tokens = {}, {}
+    for name, mb in (("no prefix cache", 0), ("prefix cache", 256)):
+        with Engine(model, max_batch_size=1, max_len=max_len, prefix_cache_mb=mb) as engine:
+            engine.generate(prompts[0], max_tokens=1)  # warm up; fills the cache when there is one
+            ts, out = [], []
+            for p in prompts[1:]:
+                t = time.perf_counter()
+                out.append(engine.generate(p, max_tokens=1, ignore_eos=True).token_ids[0])
+                ts.append(time.perf_counter() - t)
+            times[name], tokens[name] = statistics.median(ts), out
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, prompts of {args.shared} shared "
+          f"+ {args.tail} own tokens, {args.requests} requests")
+    for name, t in times.items():
+        print(f"  {name:>16}: median time to first token {t * 1e3:8.1f} ms")
+    print(f"  ratio: {times['no prefix cache'] / times['prefix cache']:.2f}x faster with the cache; "
+          f"first tokens equal: {tokens['no prefix cache'] == tokens['prefix cache']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
