@@ -249,6 +249,33 @@ def test_callers_drive_on_their_own_thread_background_requests_on_the_loop(engin
     assert not loop.is_alive()
 
 
+def test_close_ends_a_generate_running_on_another_thread(ckpt):
+    import threading
+
+    errors, started, closed = [], threading.Event(), threading.Event()
+    e = Engine(ckpt, max_batch_size=2, max_len=128)
+
+    def hold(*_):  # the first update blocks the driving thread until close() has returned on the main thread
+        started.set()
+        closed.wait(10)
+
+    def run():
+        try:
+            e.wait(e.submit(e.encode_prompt(PROMPTS[0]), SamplingParams(max_tokens=100, ignore_eos=True), hold))
+        except DscoderError as err:
+            errors.append(str(err))
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert started.wait(10)
+    e.close()
+    closed.set()
+    t.join(10)
+    assert not t.is_alive() and errors == ["the engine was closed"]
+    with pytest.raises(DscoderError, match="closed"):
+        e.generate("x")
+
+
 def test_compiled_decode_matches_eager(ckpt, engine, capsys):
     """``compile=True``: torch.compile'd decode steps (the direct expert path) give the eager engine's tokens."""
     want = engine.generate(PROMPTS, max_tokens=10, ignore_eos=True)
