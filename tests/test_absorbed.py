@@ -44,9 +44,19 @@ def test_prefill_then_chunks_then_decode():
         full = model(ids).logits
         cache = MLACache(model.config, batch_size=3, max_len=20)
         parts = [model(ids[:, :8], cache=cache).logits,  # prefill: expanded path
-                 model(ids[:, 8:15], cache=cache, start_pos=8).logits,  # chunk: absorbed path with a causal mask
+                 model(ids[:, 8:15], cache=cache, start_pos=8).logits,  # chunk after cached entries, causal mask
                  *[model(ids[:, t:t + 1], cache=cache, start_pos=t).logits for t in range(15, 20)]]
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-4
+    # the same chunk through the other path (forced), both ways equal the full pass
+    attn = model.model.layers[0].self_attn
+    took_expanded = attn.expanded_is_cheaper(7)
+    for layer in model.model.layers:
+        layer.self_attn.expanded_is_cheaper = lambda T, flip=took_expanded: not flip
+    with torch.no_grad():
+        cache = MLACache(model.config, batch_size=3, max_len=20)
+        model(ids[:, :8], cache=cache)
+        chunk = model(ids[:, 8:15], cache=cache, start_pos=8).logits
+    assert (chunk - full[:, 8:15]).abs().max().item() <= 1e-4
 
 
 def test_left_padded_decode_matches_padded_full_pass():

@@ -101,18 +101,30 @@ class MLA(nn.Module):
         return self.o_proj(out_BTHV.flatten(2))
 
     def cached(self, q_nope, q_rope, latent_BTC, k_rope_BTR, mask, cache: MLACache, start_pos: int) -> torch.Tensor:
-        """Write this chunk's latents into the cache and attend: expanded for a prefill from position 0, absorbed
-        over the cache otherwise."""
+        """Write this chunk's latents into the cache and attend: a prefill from position 0 takes the expanded path;
+        a chunk after cached entries takes whichever of the two costs fewer FLOPs (:meth:`expanded_is_cheaper`), the
+        expanded one over every cached entry up to it; one token (decode) takes the absorbed path."""
         T = latent_BTC.shape[1]
-        if start_pos == 0 and T > 1:
+        if T > 1 and (start_pos == 0 or self.expanded_is_cheaper(T)):
             cache.write(self.layer_idx, start_pos, latent_BTC, k_rope_BTR)
-            return self.expanded(q_nope, q_rope, latent_BTC, k_rope_BTR, mask)
+            if start_pos == 0:
+                return self.expanded(q_nope, q_rope, latent_BTC, k_rope_BTR, mask)
+            kv_BSE = cache.read(self.layer_idx, start_pos + T)
+            return self.expanded(q_nope, q_rope, kv_BSE[..., : self.kv_lora_rank], kv_BSE[..., self.kv_lora_rank:],
+                                 mask)
         args = (absorbed_query(q_nope, q_rope, self.kv_b_proj.weight), latent_BTC, k_rope_BTR, cache.kv,
                 self.layer_idx, start_pos, mask, self.softmax_scale)
         # Under torch.compile, an op that declares its cache write: graphs update the cache in place, not a copy.
         attend = _mla_cached_attention_op if torch.compiler.is_compiling() else mla_cached_attention
         o_BHTE = attend(*args)
         return absorbed_output(o_BHTE[..., : self.kv_lora_rank], self.kv_b_proj.weight, self.nope_dim)
+
+    def expanded_is_cheaper(self, T: int) -> bool:
+        """Per cached key and head, T queries cost ``T (2C + R)`` multiply-adds absorbed (scores against C + R
+        columns, values over C) and ``C (N + V) + T (Q + V)`` expanded (``kv_b_proj`` up-projects the key first):
+        expanded wins from T = C (N + V) / (2C + R - Q - V) on, about 170 tokens for Lite shapes."""
+        C, R, N, V = self.kv_lora_rank, self.rope_dim, self.nope_dim, self.v_dim
+        return T * (2 * C + R - (N + R) - V) >= C * (N + V)
 
     def expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent_BSC: torch.Tensor,
                  k_rope_BSR: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -61,8 +61,9 @@ class DeepseekV2(nn.Module):
     ``model(input_ids [B, T], attention_mask [B, S] | None, position_ids [B, T] | None, cache, start_pos)``
     returns a :class:`ModelOutput`. Without a cache, ``S == T``. With an :class:`MLACache`, the tokens occupy
     positions ``start_pos .. start_pos+T-1`` of the cache and ``attention_mask`` (if given) covers all
-    ``S = start_pos + T`` cached positions; a ``[B, 1, T, S]`` bool mask is used as given. A multi-token chunk at ``start_pos == 0`` (prefill) runs the
-    expanded attention path; everything after it runs the absorbed path over the latent cache.
+    ``S = start_pos + T`` cached positions; a ``[B, 1, T, S]`` bool mask is used as given. A prefill from position
+    0 runs the expanded attention path, decoding the absorbed path over the latent cache, and a chunk after cached
+    entries whichever costs fewer FLOPs (``MLA.expanded_is_cheaper``).
     """
 
     def __init__(self, config: ModelConfig):
