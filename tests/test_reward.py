@@ -80,3 +80,27 @@ def test_preference_jsonl_and_bad_input(tmp_path, trained):
                          tmp_path / f"bad{len(line)}")
     with pytest.raises(DscoderError, match=r"x.jsonl:3: prompt without tests"):
         problem_from_row({"prompt": "def f():"}, "x.jsonl:3")
+
+
+def test_policy_from_an_hf_checkpoint_takes_its_weights_and_a_fresh_head(tmp_path):
+    """model.init: the checkpoint's tensors become the reward model's (one copy), the score head is initialised,
+    and an override that changes a weight's shape is a clear error."""
+    import dscoder
+    from dscoder.errors import ConfigError
+    from dscoder.train.reward import RewardModel
+    from dscoder.train.sft import build_policy
+
+    src = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=3)
+    dscoder.save_model(src, tmp_path / "hf")
+    config = recipe(f"model.init={tmp_path / 'hf'}", "model.preset=''", "model.aux_loss_alpha=0.05")
+    model = build_policy(config, None, RewardModel)
+    assert model.config.aux_loss_alpha == 0.05 and model.score.weight.device.type == "cpu"
+    assert 0 < model.score.weight.std().item() < 0.1  # initialised (normal, initializer_range), not empty memory
+    for key, value in src.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    ids = torch.randint(0, src.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, src.eval()(ids).logits)
+    with pytest.raises(ConfigError, match="change the shapes"):
+        build_policy(recipe(f"model.init={tmp_path / 'hf'}", "model.preset=''", "model.moe_intermediate_size=8"),
+                     None, RewardModel)

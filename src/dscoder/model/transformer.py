@@ -128,18 +128,48 @@ class DeepseekV2(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, initializer_range) for matrices, ones for norms; the rope buffers recomputed."""
-        std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, RoutedExperts):
-                module.gate_up_proj.normal_(0.0, std)
-                module.down_proj.normal_(0.0, std)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, Gate):
-                module.weight.normal_(0.0, std)
+            self._init_module(module)
         self.reset_buffers()
+
+    def _init_module(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, RoutedExperts):
+            module.gate_up_proj.normal_(0.0, std)
+            module.down_proj.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, Gate):
+            module.weight.normal_(0.0, std)
+
+    @classmethod
+    @torch.no_grad()
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor], *, device="cpu",
+                        strict: bool = True):
+        """A model of ``config`` (this class) that takes ``state``'s tensors as its own, without copying them: built
+        on the meta device, then ``load_state_dict(assign=True)``. Returns ``(model, missing_keys,
+        unexpected_keys)``; with ``strict=False`` the missing parameters (e.g. a new head) are created on ``device``
+        and initialised as :meth:`init_weights` would. Raises RuntimeError on shape mismatches."""
+        with torch.device("meta"):
+            model = cls(config)
+        missing, unexpected = model.load_state_dict(state, strict=strict, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+            missing = [k for k in missing if k != "lm_head.weight"]
+        owners = {}
+        for key in missing:
+            owner_name, _, pname = key.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            old = getattr(owner, pname)
+            setattr(owner, pname, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
+                                               requires_grad=old.requires_grad))
+            owners[owner_name] = owner
+        for owner in owners.values():
+            model._init_module(owner)
+        model.reset_buffers()
+        return model, list(missing), list(unexpected)
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent rope buffers (after building on the meta device)."""

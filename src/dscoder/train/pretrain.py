@@ -88,18 +88,14 @@ def build(config: TrainConfig, mcfg: ModelConfig, d: Dist) -> torch.nn.Module:
 def _rebuild_with(model, mcfg: ModelConfig):
     """An init checkpoint with overridden non-shape fields (e.g. aux_loss_alpha): same weights, new config.
 
-    The new modules are built on the meta device and take the loaded tensors as they are (``assign``): the weights
-    are never held twice."""
-    import dscoder
+    The new modules take the loaded tensors as they are (``DeepseekV2.from_state_dict``): the weights are never
+    held twice."""
+    from dscoder.model import DeepseekV2
 
-    fresh = dscoder.build_model(mcfg, device="meta")
     try:
-        fresh.load_state_dict(model.state_dict(), assign=True)
+        fresh, _, _ = DeepseekV2.from_state_dict(mcfg, model.state_dict())
     except RuntimeError as e:
         raise ConfigError(f"model overrides change the shapes of model.init's weights: {str(e).splitlines()[0]}") from None
-    if mcfg.tie_word_embeddings:
-        fresh.lm_head.weight = fresh.model.embed_tokens.weight
-    fresh.reset_buffers()  # the rope tables are not in the state dict
     return fresh
 
 

@@ -83,8 +83,8 @@ def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None)
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    lm = DeepseekV2(model.config)
-    lm.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("score.")})
+    lm, _, _ = DeepseekV2.from_state_dict(model.config, {k: v for k, v in model.state_dict().items()
+                                                          if not k.startswith("score.")})
     dscoder.save_model(lm, directory)
     save_file({"score.weight": model.score.weight.detach().float().contiguous()}, str(directory / HEAD_FILE))
     (directory / META_FILE).write_text(json.dumps({"format": "dscoder-reward-model", "head": "score",
@@ -107,8 +107,7 @@ def load_reward_model(directory: str | Path, vocab_size: int | None = None) -> R
     if vocab_size is not None and lm.config.vocab_size != vocab_size:
         raise DscoderError(f"{directory}: the reward model's vocabulary has {lm.config.vocab_size} tokens; the "
                            f"policy's has {vocab_size} (they must share a tokenizer)")
-    model = RewardModel(lm.config)
-    model.load_state_dict({**lm.state_dict(), **load_file(str(directory / HEAD_FILE))})
+    model, _, _ = RewardModel.from_state_dict(lm.config, {**lm.state_dict(), **load_file(str(directory / HEAD_FILE))})
     return model.eval()
 
 

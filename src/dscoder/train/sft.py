@@ -145,15 +145,20 @@ def build_policy(config: AlignConfig, tokenizer, model_cls=None, device="cpu"):
             changes.setdefault("eos_token_id", tokenizer.eos_id)
     mcfg = base.replace(**changes)
     torch.manual_seed(config.train.seed)
-    with torch.device(device):
-        model = model_cls(mcfg)
-    model.init_weights()
-    if config.model.init:
-        loaded = dscoder.load_model(config.model.init, dtype=torch.float32, device=device)
-        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("score") for k in missing):
-            raise ConfigError(f"model overrides change the shapes or names of model.init's weights "
-                              f"({(unexpected or missing)[0]})")
+    if not config.model.init:
+        with torch.device(device):
+            model = model_cls(mcfg)
+        model.init_weights()
+        return model.float().train()
+    # The loaded tensors become the model's (no second copy); a head the checkpoint lacks is initialised.
+    loaded = dscoder.load_model(config.model.init, dtype=torch.float32, device=device)
+    try:
+        model, missing, unexpected = model_cls.from_state_dict(mcfg, loaded.state_dict(), device=device, strict=False)
+    except RuntimeError as e:
+        raise ConfigError(f"model overrides change the shapes of model.init's weights: {str(e).splitlines()[0]}") \
+            from None
+    if unexpected or any(not k.startswith("score") for k in missing):
+        raise ConfigError(f"model overrides change the names of model.init's weights ({(unexpected or missing)[0]})")
     return model.float().train()
 
 
