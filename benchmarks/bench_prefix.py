@@ -1,10 +1,14 @@
-"""Time to first token with and without the prefix cache, for prompts that share a prefix with an earlier one.
+"""Prompt handling: time to first token with and without the prefix cache, and stream stalls with and without
+chunked prefill.
 
-Same random weights as ``bench_model.py``; each request is a shared prefix plus its own tail (an editor sending the
-file above the cursor again, a chat resending its history). Prints the median time to first token (one generated
-token: prefill + one sample) for an engine with ``prefix_cache_mb=0`` and one with the cache, side by side.
+Same random weights as ``bench_model.py``.
+1. Prefix cache: each request is a shared prefix plus its own tail (an editor sending the file above the cursor
+   again, a chat resending its history). Median time to first token (prefill + one sample) for an engine with
+   ``prefix_cache_mb=0`` and one with the cache, side by side.
+2. Chunked prefill: a stream is decoding when a long prompt (``--long`` tokens) joins. The longest gap between two
+   of the stream's tokens, for ``prefill_chunk=0`` (the prompt prefilled in one go) and ``--chunk``.
 
-    python benchmarks/bench_prefix.py [--shared 480 --tail 32 --requests 5 --dtype float32]
+    python benchmarks/bench_prefix.py [--shared 480 --tail 32 --requests 5 --long 1000 --chunk 128 --dtype float32]
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ def main() -> int:
     ap.add_argument("--shared", type=int, default=480, help="tokens every prompt shares")
     ap.add_argument("--tail", type=int, default=32, help="tokens of each prompt's own tail")
     ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--long", type=int, default=1000, help="tokens of the prompt that joins a running stream")
+    ap.add_argument("--chunk", type=int, default=128, help="prefill_chunk for the chunked run")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
@@ -54,6 +60,32 @@ def main() -> int:
         print(f"  {name:>16}: median time to first token {t * 1e3:8.1f} ms")
     print(f"  ratio: {times['no prefix cache'] / times['prefix cache']:.2f}x faster with the cache; "
           f"first tokens equal: {tokens['no prefix cache'] == tokens['prefix cache']}")
+
+    from dscoder.engine import SamplingParams
+
+    long_prompt = torch.randint(2, CONFIG["vocab_size"], (args.long,), generator=g).tolist()
+    gaps, firsts = {}, {}
+    for chunk in (0, args.chunk):
+        with Engine(model, max_batch_size=2, max_len=args.long + 64, prefill_chunk=chunk) as engine:
+            engine.generate(prompts[0][:32], max_tokens=2)  # warm up
+            stamps, first_long = [], []
+            stream = engine.submit(prompts[0][:32], SamplingParams(max_tokens=48, ignore_eos=True, stream=True),
+                                   on_update=lambda s, text, new, done: stamps.append(time.perf_counter()))
+            engine.wait(engine.submit(prompts[0][:32], SamplingParams(max_tokens=1)))  # the stream is running now
+            t0 = time.perf_counter()
+            joined = engine.submit(long_prompt, SamplingParams(max_tokens=1),
+                                   on_update=lambda *a: first_long.append(time.perf_counter()))
+            engine.wait([stream, joined])
+            later = [t for t in stamps if t >= t0]
+            later = [max((t for t in stamps if t < t0), default=t0)] + later  # from the stream's last token before
+            gaps[chunk] = max(b - a for a, b in zip(later, later[1:]))
+            firsts[chunk] = first_long[0] - t0
+    print(f"a stream decoding while a {args.long}-token prompt joins:")
+    for chunk in gaps:
+        label = f"prefill_chunk={chunk}" + (" (one go)" if not chunk else "")
+        print(f"  {label:>24}: longest gap between stream tokens {gaps[chunk] * 1e3:8.1f} ms, the long prompt's "
+              f"first token after {firsts[chunk] * 1e3:8.1f} ms")
+    print(f"  ratio: longest stall {gaps[0] / gaps[args.chunk]:.1f}x shorter with chunks")
     return 0
 
 

@@ -306,6 +306,27 @@ def test_prefix_cache_reuses_prompt_blocks_with_the_same_results(ckpt, engine):
         assert max(abs(x - y) for x, y in zip(got.logprobs, want_lp)) < 1e-4
 
 
+def test_chunked_prefill_same_tokens_and_running_streams_go_on(ckpt, engine):
+    """prefill_chunk: a long prompt prefilled 8 tokens per step gives the unchunked tokens, and a stream already
+    running keeps receiving tokens meanwhile (it is not stalled until the long prompt is done)."""
+    g = torch.Generator().manual_seed(5)
+    long_prompt = torch.randint(3, 300, (90,), generator=g).tolist()
+    events = []
+    with Engine(ckpt, max_batch_size=4, max_len=128, prefill_chunk=8, prefix_cache_mb=4) as e:
+        short = e.submit(e.encode_prompt(PROMPTS[0]), SamplingParams(max_tokens=30, ignore_eos=True, stream=True),
+                         on_update=lambda s, text, new, done: events.append(("short", len(new))))
+        long = e.submit(long_prompt, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=0),
+                        on_update=lambda s, text, new, done: events.append(("long", len(new))))
+        got_short, got_long = e.wait([short, long])
+        assert e.scheduler.job is None
+    want, want_lp = reference_greedy(engine.model, long_prompt, 6)
+    assert got_long.token_ids == want and max(abs(a - b) for a, b in zip(got_long.logprobs, want_lp)) < 1e-4
+    assert got_short.token_ids == reference_greedy(engine.model, engine.encode_prompt(PROMPTS[0]), 30)[0]
+    first_long = next(i for i, ev in enumerate(events) if ev[0] == "long")
+    # 90 tokens in chunks of 8: 12 steps, each with a decode step of the stream
+    assert sum(n for who, n in events[:first_long] if who == "short") >= 10
+
+
 def test_prefix_cache_stays_within_its_budget():
     from dscoder.engine.batch import PrefixCache
 

@@ -74,6 +74,7 @@ class Sequence:
         self.error: BaseException | None = None
         self.cancelled = False
         self.done = threading.Event()
+        self.cached_prefix: tuple[int, torch.Tensor | None] | None = None  # the scheduler's prefix-cache lookup
 
     @property
     def finished(self) -> bool:
@@ -199,11 +200,23 @@ class PrefixCache:
             self.nbytes += size
 
 
+@dataclass
+class _Prefill:
+    """The request being prefilled over several steps: its slot, its own scratch cache, tokens done so far and,
+    once all are, the last token's logits."""
+
+    seq: Sequence
+    slot: int
+    scratch: MLACache
+    done: int
+    logits: torch.Tensor | None = None
+
+
 class Scheduler:
     """Slots over one :class:`MLACache`; :meth:`step` admits waiting requests and decodes a block of tokens."""
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, sync_every: int = 8, pad_id: int = 0,
-                 decode_fn: Callable | None = None, prefix_cache_bytes: int = 0):
+                 decode_fn: Callable | None = None, prefix_cache_bytes: int = 0, prefill_chunk: int = 0):
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch, self.max_len, self.sync_every, self.pad_id = max_batch, max_len, sync_every, pad_id
@@ -228,13 +241,15 @@ class Scheduler:
         self.cursor = 0
         self.waiting: deque[Sequence] = deque()
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.prefill_chunk = prefill_chunk  # 0: a prompt is prefilled in one go
+        self.job: _Prefill | None = None
 
     # ----- bookkeeping ----------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.slots)
+        return bool(self.waiting) or self.job is not None or any(s is not None for s in self.slots)
 
     @property
     def active(self) -> list[int]:
@@ -257,6 +272,9 @@ class Scheduler:
         for i in self.active:
             self.slots[i].finish("error", error)
             self._release(i)
+        if self.job is not None:
+            self._end(self.job.seq, "error", error)
+            self.job = None
         while self.waiting:
             self._end(self.waiting.popleft(), "error", error)
         self.mask.zero_()
@@ -269,6 +287,9 @@ class Scheduler:
             if self.slots[i].cancelled:
                 self.slots[i].finish("cancelled")
                 self._release(i)
+        if self.job is not None and self.job.seq.cancelled:
+            self._end(self.job.seq, "cancelled")
+            self.job = None
         if not self.active:
             self.cursor = 0
             self.mask.zero_()
@@ -277,7 +298,11 @@ class Scheduler:
             self._decode_block()
 
     def _admit(self) -> None:
-        free = [i for i, s in enumerate(self.slots) if s is None]
+        """Start the requests that fit: short prompts without a cached prefix are prefilled together; a prompt with
+        cached blocks, or longer than ``prefill_chunk``, becomes the (one) prefill job, advanced a chunk per step."""
+        if self.job is not None:
+            self._advance_job()
+        free = [i for i, s in enumerate(self.slots) if s is None and (self.job is None or i != self.job.slot)]
         take: list[Sequence] = []
         longest = 0
         while self.waiting and len(take) < len(free):
@@ -286,6 +311,19 @@ class Scheduler:
                 self.waiting.popleft()
                 self._end(seq, "cancelled" if seq.cancelled else "length")
                 continue
+            if seq.cached_prefix is None:
+                seq.cached_prefix = self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache else (0, None)
+            m, entries = seq.cached_prefix
+            if m or 0 < self.prefill_chunk < len(seq.prompt_ids):
+                if self.job is not None:
+                    break  # one job at a time, in arrival order
+                self.waiting.popleft()
+                scratch = MLACache(self.model.config, 1, len(seq.prompt_ids), dtype=self.dtype, device=self.device)
+                if m:
+                    scratch.kv[:, 0, :m] = entries
+                self.job = _Prefill(seq, free.pop(0), scratch, m)
+                self._advance_job()
+                continue
             n = max(longest, len(seq.prompt_ids))
             if max(self.cursor, n) >= self.max_len:
                 self._compact()
@@ -293,24 +331,33 @@ class Scheduler:
                     break
             take.append(self.waiting.popleft())
             longest = n
-        if not take:
-            return
-        slots = free[: len(take)]
-        plain = []
-        for seq, slot in zip(take, slots):
-            m, entries = self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache else (0, None)
-            if m:
-                self._prefill([seq], [slot], entries)
-            else:
-                plain.append((seq, slot))
-        if plain:
-            self._prefill([q for q, _ in plain], [slot for _, slot in plain])
+        if take:
+            self._prefill(take, free[: len(take)])
 
-    def _prefill(self, seqs: list[Sequence], slots: list[int], prefix: torch.Tensor | None = None) -> None:
-        """Left-padded prefill of the joining requests (expanded path) into a scratch cache, then into their rows.
+    def _advance_job(self) -> None:
+        """Prefill the job's next chunk (all the rest without ``prefill_chunk``) over its scratch cache; after the
+        last one, move it into its row (once the cache has room)."""
+        job = self.job
+        N = len(job.seq.prompt_ids)
+        if job.done < N:
+            end = min(N, job.done + self.prefill_chunk) if self.prefill_chunk else N
+            ids = torch.tensor([job.seq.prompt_ids[job.done:end]], device=self.device)
+            pos = torch.arange(job.done, end, device=self.device)[None]
+            job.logits = self.model(ids, position_ids=pos, cache=job.scratch, start_pos=job.done,
+                                    logits_to_keep=1).logits[:, -1]
+            job.done = end
+            if end < N:
+                return
+        if max(self.cursor, N) >= self.max_len:
+            self._compact()
+            if max(self.cursor, N) >= self.max_len:
+                return  # no room yet: placed at a later step
+        self.job = None
+        self._place([job.seq], [job.slot], job.scratch.kv, torch.ones(1, N, dtype=torch.bool, device=self.device),
+                    job.logits)
 
-        With ``prefix`` (cached entries ``[layers, m, C + R]`` of the first m prompt tokens; one request), only the
-        rest of the prompt runs, as one chunk over the copied entries."""
+    def _prefill(self, seqs: list[Sequence], slots: list[int]) -> None:
+        """Left-padded prefill of the joining requests (expanded path) into a scratch cache, then into their rows."""
         k, N = len(seqs), max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((k, N), self.pad_id, dtype=torch.long)
         am = torch.zeros(k, N, dtype=torch.bool)
@@ -320,20 +367,21 @@ class Scheduler:
         ids, am = ids.to(self.device), am.to(self.device)
         pos = (am.long().cumsum(1) - 1).clamp(min=0)
         scratch = MLACache(self.model.config, k, N, dtype=self.dtype, device=self.device)
-        if prefix is not None:
-            m = prefix.shape[1]
-            scratch.kv[:, 0, :m] = prefix
-            logits = self.model(ids[:, m:], position_ids=pos[:, m:], cache=scratch, start_pos=m,
-                                logits_to_keep=1).logits[:, -1]
-        else:
-            logits = self.model(ids, attention_mask=None if bool(am.all()) else am, position_ids=pos, cache=scratch,
-                                logits_to_keep=1).logits[:, -1]
+        logits = self.model(ids, attention_mask=None if bool(am.all()) else am, position_ids=pos, cache=scratch,
+                            logits_to_keep=1).logits[:, -1]
+        self._place(seqs, slots, scratch.kv, am, logits)
+
+    def _place(self, seqs: list[Sequence], slots: list[int], kv_LKNE: torch.Tensor, am: torch.Tensor,
+               logits: torch.Tensor) -> None:
+        """Copy prefilled entries (``am`` marks each row's real ones) into the rows just before the write cursor,
+        keep their prompt blocks in the prefix cache, and sample each request's first token."""
+        N = kv_LKNE.shape[2]
         if self.prefix_cache is not None:
             for j, s in enumerate(seqs):
-                self.prefix_cache.store(s.prompt_ids, scratch.kv[:, j, N - len(s.prompt_ids):])
+                self.prefix_cache.store(s.prompt_ids, kv_LKNE[:, j, N - len(s.prompt_ids):])
         end = max(self.cursor, N)
         rows = torch.tensor(slots, device=self.device)
-        self.cache.kv[:, rows, end - N:end] = scratch.kv
+        self.cache.kv[:, rows, end - N:end] = kv_LKNE
         self.mask[rows] = False
         self.mask[rows, end - N:end] = am
         self.cursor = end

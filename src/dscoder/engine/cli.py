@@ -46,7 +46,8 @@ def _engine(args, **kw):
     from dscoder.engine import Engine
 
     engine = Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, compile=args.compile,
-                    prefix_cache_mb=getattr(args, "prefix_cache_mb", 0), **kw)
+                    prefix_cache_mb=getattr(args, "prefix_cache_mb", 0), prefill_chunk=getattr(args, "prefill_chunk", 0),
+                    **kw)
     if engine.tokenizer is None:
         raise DscoderError(f"{args.model}: no tokenizer.json in the checkpoint; pass --tokenizer DIR")
     return engine
@@ -154,6 +155,9 @@ def register(subparsers) -> None:
     s.add_argument("--device", default="cpu")
     _compile_arg(s)
     _prefix_cache_arg(s)
+    s.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                   help="prefill longer prompts N tokens per step, between decode steps of running requests "
+                        "(0 = in one go; default 512)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")

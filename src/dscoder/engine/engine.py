@@ -62,12 +62,14 @@ class Engine:
     see ``benchmarks/bench_decode.py``. ``prefix_cache_mb`` > 0 keeps the cache entries of prompt prefixes (blocks of
     32 tokens, least recently used dropped first): a prompt that starts like an earlier one (a chat's history, an
     editor's file prefix) prefills only what follows. Off by default: a cached prefix is numerically equal only up
-    to rounding (chunked absorbed prefill against the expanded one).
+    to rounding (chunked absorbed prefill against the expanded one). ``prefill_chunk`` > 0 prefills a longer prompt
+    that many tokens per scheduler step, between decode steps of the running requests, so a long prompt does not
+    stall their streams (0: in one go).
     """
 
     def __init__(self, source, tokenizer=None, *, dtype: torch.dtype | str | None = None,
                  device: torch.device | str = "cpu", max_batch_size: int = 8, max_len: int | None = None,
-                 sync_every: int = 8, compile: bool = False, prefix_cache_mb: int = 0):
+                 sync_every: int = 8, compile: bool = False, prefix_cache_mb: int = 0, prefill_chunk: int = 0):
         import dscoder
         from dscoder.model import DeepseekV2
         from dscoder.model.checkpoint import parse_dtype
@@ -86,8 +88,9 @@ class Engine:
         for name, value in (("max_batch_size", max_batch_size), ("sync_every", sync_every)):
             if not isinstance(value, int) or value < 1:
                 raise DscoderError(f"{name}: expected an integer >= 1, got {value!r}")
-        if not isinstance(prefix_cache_mb, int) or prefix_cache_mb < 0:
-            raise DscoderError(f"prefix_cache_mb: expected an integer >= 0, got {prefix_cache_mb!r}")
+        for name, value in (("prefix_cache_mb", prefix_cache_mb), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise DscoderError(f"{name}: expected an integer >= 0, got {value!r}")
         context = model.config.max_position_embeddings
         max_len = min(context, 4096) if max_len is None else max_len
         if not isinstance(max_len, int) or not 2 <= max_len <= context:
@@ -97,7 +100,8 @@ class Engine:
         pad = tokenizer.pad_id if tokenizer is not None else (self.eos_id or 0)
         decode_fn = torch.compile(model, options=COMPILE_OPTIONS) if compile else None
         self.scheduler = Scheduler(model, max_batch=max_batch_size, max_len=max_len, sync_every=sync_every,
-                                   pad_id=pad, decode_fn=decode_fn, prefix_cache_bytes=prefix_cache_mb << 20)
+                                   pad_id=pad, decode_fn=decode_fn, prefix_cache_bytes=prefix_cache_mb << 20,
+                                   prefill_chunk=prefill_chunk)
         self._cv = threading.Condition()
         self._driver: int | None = None  # ident of the thread running scheduler steps now
         self._background: set[Sequence] = set()  # requests no caller waits for (driven by run_loop)
