@@ -13,6 +13,10 @@ Decode runs ``sync_every`` steps between host syncs (one step when a request str
 at those syncs. A row that finished inside a block decodes garbage until the sync, which is then ignored.
 With compiled decode steps, the decoded slot prefix is rounded up to a bucket (1, 2, 4, ..., max_batch): each
 bucket gets a graph specialized to its batch size, and the free rows in it decode tokens nobody reads.
+
+A prompt whose first blocks are in the :class:`PrefixCache`, or one longer than ``prefill_chunk``, is instead the
+prefill job: it owns a slot and a scratch cache, gets one chunk per step (the running rows decode in between) and
+joins its row like any prefilled prompt after its last chunk.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The inference engine: a model, its tokenizer and a background thread running the continuous-batching scheduler.
+"""The inference engine: a model, its tokenizer and the continuous-batching scheduler, run by the threads that wait.
 
     engine = Engine("path/to/checkpoint")                       # or a DeepseekV2 model and a Tokenizer
     engine.generate("def fib(n):", max_tokens=64).text
@@ -157,7 +157,7 @@ class Engine:
                 raise DscoderError("the engine is closed")
             self.scheduler.add(seq)
             if background:
-                self._background.add(seq)
+                self._background = {s for s in self._background if not s.done.is_set()} | {seq}
                 if self._loop_owner is None:
                     self._loop_owner = "thread"
                     self._thread = threading.Thread(target=self._loop, name="dscoder-engine", daemon=True)
@@ -208,8 +208,8 @@ class Engine:
             self._cv.wait()
 
     def _background_idle(self) -> bool:
-        self._background = {s for s in self._background if not s.done.is_set()}
-        return not self._background
+        # list(): a snapshot (submit may replace the set from another thread; it prunes it under the lock)
+        return all(s.done.is_set() for s in list(self._background))
 
     def run_loop(self, stop: threading.Event | None = None) -> None:
         """Drive ``background=True`` requests on this thread until the engine closes or ``stop`` is set.
