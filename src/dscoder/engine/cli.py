@@ -26,8 +26,8 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None
 
 def _compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: faster decoding after a compile (seconds to a minute) at "
-                        "each new batch size")
+                   help="torch.compile the decode step: faster decoding after a compile (seconds to a minute) for "
+                        "each batch bucket 1, 2, 4, ... (serve compiles them all at startup)")
 
 
 def _prefix_cache_arg(p: argparse.ArgumentParser) -> None:
