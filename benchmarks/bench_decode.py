@@ -3,13 +3,14 @@
 One run, same random weights (the ``bench_model.py`` shapes), same prompts, greedy, the same number of new tokens.
 Decode tokens/s = (generate N tokens - generate 1 token) / (N - 1) steps x batch, so prefill is left out of both.
 dscoder runs twice: eager, and with ``Engine(compile=True)`` (torch.compile'd decode steps; compile time is spent
-in warm-up, not timed). transformers runs its default eager ``generate``. ``--driver thread`` calls dscoder's
+in warm-up, not timed). transformers runs its default eager ``generate`` (and with ``--hf-compile`` also a
+torch.compile'd forward over its static cache). ``--driver thread`` calls dscoder's
 ``generate`` from a second thread, showing what computing off the main thread costs with GNU OpenMP.
 Cache bytes per token: ours from the latent cache (``model.kv_bytes_per_token``), transformers' measured on the
 cache its ``generate`` returns; and the formula for the Lite shapes.
 
     python benchmarks/bench_decode.py [--prompt 128 --new 64 --batches 1 8 --dtype float32 --repeats 3]
-                                      [--no-compile] [--driver caller|thread]
+                                      [--no-compile] [--hf-compile] [--driver caller|thread]
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd dscoder engine")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="also time transformers with a torch.compile'd forward and its static cache")
     ap.add_argument("--driver", choices=["caller", "thread"], default="caller",
                     help="call dscoder's generate on the main thread (default) or from a second thread")
     args = ap.parse_args()
@@ -81,6 +84,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dscoder.save_model(dscoder.build_model(config, seed=0), tmp)
         hf = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+        hf_compiled = None
+        if args.hf_compile:
+            hf_compiled = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            hf_compiled.forward = torch.compile(hf_compiled.forward)
         kw = dict(dtype=dtype, max_batch_size=max(args.batches), max_len=args.prompt + args.new + 8, sync_every=16)
         engines = {"dscoder": Engine(tmp, **kw)}
         if not args.no_compile:
@@ -104,14 +111,16 @@ def main() -> int:
             assert all(len(r.token_ids) == n for r in out)
             return [r.token_ids for r in out]
 
-        def theirs(n):
+        def theirs(n, model=hf, **kw):
             with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=0)
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     pad_token_id=0, **kw)
             return out[:, args.prompt:].tolist()
 
         fns = {name: functools.partial(ours, e) for name, e in engines.items()}
         fns["transformers"] = theirs
+        if hf_compiled is not None:
+            fns["transformers compiled"] = functools.partial(theirs, model=hf_compiled, cache_implementation="static")
         result, same = {}, {}
         want = theirs(args.new)
         for name, fn in fns.items():
@@ -130,13 +139,17 @@ def main() -> int:
     lite = dscoder.load_model("deepseek-coder-v2-lite", device="meta")
     lite_ours, lite_full = lite.kv_bytes_per_token(torch.bfloat16), lite.kv_bytes_per_token(torch.bfloat16, True)
 
-    names = [n for n in fns if n != "transformers"]
-    print(f"\n{'batch':>5} " + " ".join(f"{n + ' tok/s':>22}" for n in [*names, "transformers"])
-          + " " + " ".join(f"{'ratio ' + n.split()[-1]:>14}" for n in names) + "  greedy tokens as transformers'")
+    names = [n for n in fns if not n.startswith("transformers")]
+    theirs_names = [n for n in fns if n.startswith("transformers")]
+    print(f"\n{'batch':>5} " + " ".join(f"{n + ' tok/s':>22}" for n in [*names, *theirs_names])
+          + "  ratios vs transformers (eager)  greedy tokens as transformers'")
     for batch, result, same in rows:
-        print(f"{batch:>5} " + " ".join(f"{result[n]:>22.1f}" for n in [*names, "transformers"]) + " "
-              + " ".join(f"{result[n] / result['transformers']:>13.2f}x" for n in names)
-              + "  " + ", ".join(f"{n}: {same[n]:.0%}" for n in names))
+        print(f"{batch:>5} " + " ".join(f"{result[n]:>22.1f}" for n in [*names, *theirs_names]) + "  "
+              + ", ".join(f"{n.split()[-1]} {result[n] / result['transformers']:.2f}x" for n in names) + "  "
+              + ", ".join(f"{n}: {same[n]:.0%}" for n in [*names, *theirs_names[1:]]))
+        if "transformers compiled" in result and "dscoder compiled" in result:
+            print(f"{'':>5} compiled vs compiled: "
+                  f"{result['dscoder compiled'] / result['transformers compiled']:.2f}x")
     print(f"\nKV cache bytes/token ({args.dtype}, this model): dscoder {ours_bytes:,} (latent), transformers "
           f"{hf_bytes:,.0f} (measured on its generate cache) -> {hf_bytes / ours_bytes:.1f}x smaller, expanded K/V "
           f"{engine.model.kv_bytes_per_token(dtype, expanded=True):,}")
