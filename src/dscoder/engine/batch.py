@@ -157,7 +157,7 @@ class PrefixCache:
 
     Block i of a prompt is keyed by its tokens and every token before it (a chained hash), so a hit means the same
     tokens at the same positions, hence the same latents and rotated keys. A joining request whose prompt starts
-    with cached blocks copies them and prefills only the rest (absorbed path, one chunk).
+    with cached blocks copies them and prefills only the rest (as the scheduler's prefill job).
     """
 
     def __init__(self, max_bytes: int, block: int = 32):
@@ -325,6 +325,7 @@ class Scheduler:
                 scratch = MLACache(self.model.config, 1, len(seq.prompt_ids), dtype=self.dtype, device=self.device)
                 if m:
                     scratch.kv[:, 0, :m] = entries
+                    seq.cached_prefix = (m, None)  # the entries live in the scratch cache now
                 self.job = _Prefill(seq, free.pop(0), scratch, m)
                 self._advance_job()
                 continue

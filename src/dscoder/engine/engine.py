@@ -14,8 +14,9 @@ drives the scheduler on its own thread until its requests are done, unless anoth
 in which case it waits for that one. Requests submitted with ``background=True`` (the server's) are driven by
 :meth:`Engine.run_loop` where one runs (``dscoder serve`` runs it on the main thread), else by a background
 thread the engine starts. Computing on the caller's thread matters on CPU: with GNU OpenMP, a second thread
-doing parallel work next to the main thread's idle team makes every parallel region wake sleeping workers,
-which measured 1.3-2x slower decode steps on a 2-core machine (``benchmarks/bench_decode.py --driver thread``).
+doing parallel work next to the main thread's idle team makes every parallel region wake sleeping workers:
+decode steps were 1.3x (batch 1) and 2x (batch 8) slower on a 2-core machine (``benchmarks/bench_decode.py
+--driver thread`` shows it end to end).
 """
 
 from __future__ import annotations
@@ -58,11 +59,11 @@ class Engine:
     weights), or a :class:`~dscoder.DeepseekV2`. ``max_batch_size`` rows decode together; ``max_len`` (default:
     the model's context, at most 4096) bounds prompt + output and sizes the cache. ``sync_every`` decode steps run
     between host syncs (streamed requests sync every step). ``compile`` runs decode steps through ``torch.compile``
-    (prefill stays eager): the first steps at a new batch size compile (seconds to a minute), later ones are faster,
-    see ``benchmarks/bench_decode.py``. ``prefix_cache_mb`` > 0 keeps the cache entries of prompt prefixes (blocks of
+    (prefill stays eager): the first steps at each batch bucket (1, 2, 4, ...) compile (seconds to a minute; see
+    :meth:`warmup`), later ones are faster, see ``benchmarks/bench_decode.py``. ``prefix_cache_mb`` > 0 keeps the cache entries of prompt prefixes (blocks of
     32 tokens, least recently used dropped first): a prompt that starts like an earlier one (a chat's history, an
     editor's file prefix) prefills only what follows. Off by default: a cached prefix is numerically equal only up
-    to rounding (chunked absorbed prefill against the expanded one). ``prefill_chunk`` > 0 prefills a longer prompt
+    to rounding (a prefill in chunks against one in one go). ``prefill_chunk`` > 0 prefills a longer prompt
     that many tokens per scheduler step, between decode steps of the running requests, so a long prompt does not
     stall their streams (0: in one go).
     """
@@ -105,7 +106,7 @@ class Engine:
         self._cv = threading.Condition()
         self._driver: int | None = None  # ident of the thread running scheduler steps now
         self._background: set[Sequence] = set()  # requests no caller waits for (driven by run_loop)
-        self._loop_owner: str | None = None  # "thread" (our own) or "caller" (run_loop on a caller's thread)
+        self._loop_running = False  # run_loop (on a caller's thread) or our own thread drives background requests
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -158,8 +159,8 @@ class Engine:
             self.scheduler.add(seq)
             if background:
                 self._background = {s for s in self._background if not s.done.is_set()} | {seq}
-                if self._loop_owner is None:
-                    self._loop_owner = "thread"
+                if not self._loop_running:
+                    self._loop_running = True
                     self._thread = threading.Thread(target=self._loop, name="dscoder-engine", daemon=True)
                     self._thread.start()
             self._cv.notify_all()
@@ -179,8 +180,7 @@ class Engine:
                 while True:
                     if done():
                         return
-                    if self._closed:
-                        self._fail_pending()
+                    if self._closed and self._fail_if_idle():
                         continue  # every request has ended now
                     if self._driver is None and self.scheduler.has_work():
                         self._driver = me
@@ -199,13 +199,13 @@ class Engine:
                     self._driver = None
                     self._cv.notify_all()
 
-    def _fail_pending(self) -> None:
-        """After close: end what is queued or in flight (called with the lock held and no driver)."""
-        if self._driver is None:
-            self.scheduler.fail_all(DscoderError("the engine was closed"))
-            self._cv.notify_all()
-        else:
-            self._cv.wait()
+    def _fail_if_idle(self) -> bool:
+        """After close: end what is queued or in flight unless a thread is mid-step (lock held); True if done."""
+        if self._driver is not None:
+            return False
+        self.scheduler.fail_all(DscoderError("the engine was closed"))
+        self._cv.notify_all()
+        return True
 
     def _background_idle(self) -> bool:
         # list(): a snapshot (submit may replace the set from another thread; it prunes it under the lock)
@@ -217,9 +217,9 @@ class Engine:
         A server runs this on its main thread (the HTTP server in another); without it, the engine starts its own
         thread for them."""
         with self._cv:
-            if self._loop_owner is not None:
+            if self._loop_running:
                 raise DscoderError("this engine's loop is already running on another thread")
-            self._loop_owner = "caller"
+            self._loop_running = True
         self._loop(stop)
 
     def _loop(self, stop: threading.Event | None = None) -> None:
@@ -232,7 +232,7 @@ class Engine:
                 self._drive(lambda: stopped() or self._background_idle())
         finally:
             with self._cv:
-                self._loop_owner = None
+                self._loop_running = False
                 self._cv.notify_all()
 
     def wait(self, seqs: Sequence | Seq[Sequence]) -> Completion | list[Completion]:
@@ -251,9 +251,7 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         with self._cv:
-            if self._driver is None:
-                self.scheduler.fail_all(DscoderError("the engine was closed"))
-                self._cv.notify_all()
+            self._fail_if_idle()  # else the driving thread ends them after its step
 
     @staticmethod
     def _result(seq: Sequence) -> Completion:

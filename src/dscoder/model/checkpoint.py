@@ -108,10 +108,7 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | str | None = Non
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor '{unexpected[0]}'"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_buffers()
+    model, _, _ = DeepseekV2.from_state_dict(config, loaded, strict=not config.tie_word_embeddings)
     return model
 
 

@@ -136,16 +136,25 @@ def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | No
         def __exit__(self, *exc):
             state["in_flight"] -= 1
 
-    def start(prompts: list[list[int]], params: list[SamplingParams]) -> tuple[list[Sequence], asyncio.Queue]:
-        """Submit one sequence per prompt; their updates arrive on one asyncio queue as (index, delta, ids, done)."""
+    def start(prompts: list[list[int]], params: list[SamplingParams]) -> tuple[Slot, list[Sequence], asyncio.Queue]:
+        """Take a request slot (429 when full) and submit one sequence per prompt; their updates arrive on one asyncio
+        queue as (index, delta, ids, done). If a submission fails, the slot is released and the sequences already
+        submitted are cancelled."""
+        slot = Slot().__enter__()
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         seqs = []
-        for i, (ids, p) in enumerate(zip(prompts, params)):
-            def on_update(seq, delta, new, done, i=i):
-                loop.call_soon_threadsafe(updates.put_nowait, (i, delta, new, done))
-            seqs.append(engine.submit(ids, p, on_update=on_update, background=True))
-        return seqs, updates
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params)):
+                def on_update(seq, delta, new, done, i=i):
+                    loop.call_soon_threadsafe(updates.put_nowait, (i, delta, new, done))
+                seqs.append(engine.submit(ids, p, on_update=on_update, background=True))
+        except BaseException:
+            for seq in seqs:
+                seq.cancelled = True
+            slot.__exit__()
+            raise
+        return slot, seqs, updates
 
     async def collect(seqs: list[Sequence], updates: asyncio.Queue) -> None:
         left = len(seqs)
@@ -208,14 +217,9 @@ def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | No
             check_prompt(ids)
         ids_all = [ids for ids in prompt_ids for _ in range(body.n)]
         params = [params_for(body, body.max_tokens, body.logprobs, k % body.n) for k in range(len(ids_all))]
-        slot = Slot().__enter__()
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if body.echo else "" for p in prompts_in]
-        try:
-            seqs, updates = start(ids_all, params)
-        except BaseException:
-            slot.__exit__()
-            raise
+        slot, seqs, updates = start(ids_all, params)
 
         def chunk(i, text, finish=None, logprobs=None):
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
@@ -304,13 +308,8 @@ def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | No
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         lp = (body.top_logprobs or 0) if body.logprobs else None
         params = [params_for(body, max_tokens, lp, k) for k in range(body.n)]
-        slot = Slot().__enter__()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        try:
-            seqs, updates = start([ids] * body.n, params)
-        except BaseException:
-            slot.__exit__()
-            raise
+        slot, seqs, updates = start([ids] * body.n, params)
 
         def chunk(i, delta, finish=None, logprobs=None):
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -369,12 +368,7 @@ def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | No
                                     stream=body.stream)
         except DscoderError as e:
             raise APIError(400, str(e)) from None
-        slot = Slot().__enter__()
-        try:
-            seqs, updates = start([ids], [params])
-        except BaseException:
-            slot.__exit__()
-            raise
+        slot, seqs, updates = start([ids], [params])
         seq = seqs[0]
 
         def final():
