@@ -164,7 +164,7 @@ def test_long_context_recipe_runs(data_dir, tmp_path):
 def test_init_with_overrides_reuses_the_loaded_weights():
     """model.init + non-shape overrides: a new config over the same tensors (no second copy); shape changes refused."""
     import dscoder
-    from dscoder.train.pretrain import _rebuild_with
+    from dscoder.train.run import rebuild as _rebuild_with
 
     model = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=0)
     cfg = model.config.replace(aux_loss_alpha=0.05)
@@ -176,3 +176,141 @@ def test_init_with_overrides_reuses_the_loaded_weights():
         torch.testing.assert_close(fresh.eval()(ids).logits, model.eval()(ids).logits)
     with pytest.raises(ConfigError, match="change the shapes"):
         _rebuild_with(model, model.config.replace(moe_intermediate_size=8))
+
+
+# ----- faults: damaged checkpoints, non-finite losses, bad metrics, exports, lengths --------------------------------
+def _damage(path: Path, how: str) -> None:
+    """Damage a checkpoint as a disk, a copy or a stray write would."""
+    if how == "metadata":
+        (path / ".metadata").unlink()
+        return
+    shard = sorted(path.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    if how == "truncate":
+        shard.write_bytes(data[:len(data) // 2])
+    else:  # the bytes of the float tensors become NaN; the size stays the same
+        data[len(data) // 3:len(data) // 3 + 4096] = b"\xff" * 4096
+        shard.write_bytes(data)
+
+
+def _messages(capsys) -> list[str]:
+    """dscoder's own lines on stderr (not the progress bars)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("dscoder:")]
+
+
+def test_resume_skips_a_damaged_checkpoint_and_pruning_keeps_the_good_ones(data_dir, tmp_path, capsys):
+    from dscoder.train import checkpoint as ckpt
+
+    cfg = _config(data_dir, "train.steps=12", "train.ckpt_every=4")
+    pretrain(cfg, tmp_path / "full")
+    run = tmp_path / "cut"
+    pretrain(cfg, run, max_steps=8)  # killed after the step-8 checkpoint
+    steps = lambda: [p.name for p in ckpt.checkpoints(run)]  # noqa: E731
+    assert steps() == ["step-000004", "step-000008"]
+    _damage(run / "checkpoints" / "step-000008", "overwrite")
+    assert "does not match its checksum" in ckpt.verify(run / "checkpoints" / "step-000008")
+    capsys.readouterr()
+    pretrain(cfg, run, resume=True)  # falls back to step 4 with one warning line, and never trains on NaN
+    err = _messages(capsys)
+    assert len(err) == 1 and "step-000008: damaged" in err[0] and "does not match its checksum" in err[0], err
+    assert _losses(run) == _losses(tmp_path / "full")
+    assert steps() == ["step-000008", "step-000012"] and all(ckpt.verify(p) is None for p in ckpt.checkpoints(run))
+    # pruning counts only intact checkpoints: two damaged newer ones never push the last good one out
+    _damage(run / "checkpoints" / "step-000008", "truncate")
+    _damage(run / "checkpoints" / "step-000012", "metadata")
+    assert "bytes, " in ckpt.verify(run / "checkpoints" / "step-000008", deep=False)
+    assert ".metadata is missing" in ckpt.verify(run / "checkpoints" / "step-000012", deep=False)
+    good = tmp_path / "good"
+    pretrain(_config(data_dir, "train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=3"), good)
+    shutil.copytree(run / "checkpoints" / "step-000008", good / "checkpoints" / "step-000008")
+    shutil.copytree(run / "checkpoints" / "step-000012", good / "checkpoints" / "step-000012")
+    ckpt.prune(good, keep=2)
+    assert [p.name for p in ckpt.checkpoints(good)] == ["step-000002", "step-000004", "step-000008", "step-000012"]
+    # none intact: one line, exit 2, nothing trained
+    argv = ["train", "pretrain", "--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(run), "--resume",
+            f"data.path={data_dir}", "data.seq_len=64", "train.micro_batch=4", "train.steps=12", "train.ckpt_every=4"]
+    assert main(argv) == 2
+    err = _messages(capsys)
+    assert err[-1].startswith("dscoder: error:") and "no intact checkpoint to resume from" in err[-1], err
+
+
+def test_nonfinite_loss_stops_the_run_before_saving_it(data_dir, tmp_path, capsys):
+    import dscoder
+    from dscoder.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    argv = ["train", "pretrain", "--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(run),
+            f"data.path={data_dir}", "data.seq_len=64", "train.micro_batch=4", "train.steps=6", "train.ckpt_every=1",
+            "train.warmup_steps=0", "train.lr=1e30", "train.keep_checkpoints=10"]
+    assert main(argv) == 2
+    err = _messages(capsys)
+    assert len(err) == 1 and err[0].startswith("dscoder: error: step ") and "the run stopped" in err[0], err
+    failed = int(err[0].split("step ")[1].split(":")[0])
+    saved = ckpt.checkpoints(run)
+    assert [int(p.name.split("-")[1]) for p in saved] == list(range(1, failed))  # nothing at or after the bad step
+    for path in saved:
+        model = dscoder.build_model(dscoder.ModelConfig.from_hf_dict(ckpt.read_meta(path)["model"]))
+        ckpt.load_model_weights(path, model)
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values()), path
+
+
+def test_garbage_metrics_on_resume_is_one_line(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(_config(data_dir, "train.steps=4", "train.ckpt_every=2"), run, max_steps=2)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.0\n')
+    argv = ["train", "pretrain", "--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(run), "--resume",
+            f"data.path={data_dir}", "data.seq_len=64", "train.micro_batch=4", "train.steps=4", "train.ckpt_every=2"]
+    assert main(argv) == 2
+    err = _messages(capsys)
+    assert len(err) == 1 and "metrics.jsonl:3: not valid JSON" in err[0] and "Traceback" not in err[0], err
+    (run / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+    assert main(argv) == 2
+    assert "metrics.jsonl:1: expected a metrics row with an integer 'step'" in _messages(capsys)[0]
+
+
+def test_export_protects_the_run_and_keeps_the_tokenizer(data_dir, tmp_path, capsys):
+    import dscoder
+    from dscoder.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    pretrain(_config(data_dir, "train.steps=2", "train.ckpt_every=2"), run)
+    config_before = (run / "config.json").read_bytes()
+    (tmp_path / "file").write_text("mine")
+    for out, needle in ((tmp_path / "file", "is an existing file"), (run, "is the run directory itself"),
+                        (run / "checkpoints" / "x", "inside the run's checkpoints/"),
+                        (tmp_path / "run" / ".", "is the run directory itself")):
+        assert main(["export", str(run), "--out", str(out)]) == 2
+        err = _messages(capsys)
+        assert len(err) == 1 and needle in err[0], err
+    assert (run / "config.json").read_bytes() == config_before and (tmp_path / "file").read_text() == "mine"
+    assert main(["export", str(run), "--out", str(tmp_path / "other")]) == 0
+    # the run kept its own copy of the tokenizer: the export has it, whatever happens to the data build
+    assert ckpt.read_meta(ckpt.checkpoints(run)[-1])["tokenizer"] == "tokenizer"
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert _messages(capsys) == []
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "dscoder_training_meta.json"):
+        assert (tmp_path / "hf" / name).stat().st_mode & 0o777 == 0o644, name
+    # a run without a tokenizer and with non-finite weights: exported, with one warning line for each
+    model = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=0)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt.save(tmp_path / "nan", 1, model, optimizer, extra={"step": 1}, meta={"model": model.config.to_hf_dict()},
+              keep=1)
+    assert main(["export", str(tmp_path / "nan"), "--out", str(tmp_path / "nan-hf")]) == 0
+    err = _messages(capsys)
+    assert len(err) == 2 and "1 tensors hold NaN or infinite values (first: model.norm.weight)" in err[0], err
+    assert "the run has no tokenizer" in err[1]
+    assert main(["export", str(tmp_path / "nan"), "--out", str(run)]) == 2  # into another run: refused
+    assert "--out holds a training run" in _messages(capsys)[0]
+
+
+def test_seq_len_past_the_context_is_refused(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.seq_len = 4096: longer than the model's context, "
+                                          r"max_position_embeddings = 1024 \(YaRN-scaled\)"):
+        pretrain(_config(data_dir, "data.seq_len=4096"), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"stages\[1\].seq_len = 4096: .* max_position_embeddings = 2048"):
+        pretrain(_config(data_dir, "stages=[{steps=1, seq_len=64}, {steps=1, seq_len=4096, rope_factor=8.0}]"),
+                 tmp_path / "b")
+    assert not (tmp_path / "a" / "checkpoints").exists()

@@ -181,6 +181,7 @@ def save_checkpoint(model: DeepseekV2, directory: str | Path, dtype: torch.dtype
         tensors = {k: state[k].detach().to(device="cpu", dtype=dtype or state[k].dtype, copy=True) for k in keys}
         tmp = directory / (name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors creates its files 0600; a checkpoint is meant to be shared
         os.replace(tmp, directory / name)
         del tensors
     stale = [p for p in directory.glob("model*.safetensors") if p.name not in names]

@@ -2,20 +2,28 @@
 
 ``RUN/checkpoints/step-000123/`` holds the DCP files of the model and optimizer (sharded as the run was: FSDP2
 shards and expert-parallel expert shards are saved by their owners), ``rank-00000.json`` ... (each rank's loader
-position and RNG states) and ``meta.json`` (step, world size, model config). Everything is first written to ``step-000123.tmp/`` and renamed
-once every rank has finished, so a directory without the ``.tmp`` suffix is always complete; a cut-off write
+position and RNG states), ``meta.json`` (step, world size, model config) and ``manifest.json`` (the size and sha256
+of every other file). Everything is first written to ``step-000123.tmp/`` and renamed once every rank has finished
+and the manifest is written, so a directory without the ``.tmp`` suffix is complete when written; a cut-off write
 leaves only a ``.tmp`` directory, which is ignored (and removed by the next save).
+
+Files can still be damaged afterwards (a disk, a copy, a stray write). :func:`verify` checks a checkpoint against
+its manifest; :func:`latest_intact` is what ``--resume`` loads: the newest checkpoint that verifies, with a one-line
+warning for each newer one that does not. Pruning (``keep_checkpoints``) counts only checkpoints whose files are all
+present with their recorded sizes, so a damaged checkpoint never displaces a good one.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
-import warnings
 import os
 import random
 import re
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +35,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from dscoder.errors import CheckpointError
+from dscoder.io import write_json
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+REQUIRED = (".metadata", "meta.json")  # DCP's index of the tensors, and ours
 
 
 def _rank() -> int:
@@ -70,13 +81,104 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """The checkpoint directories of a run (``step-N``, not ``.tmp``), oldest first; :func:`verify` tells which
+    are intact."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / "meta.json").exists()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+# ----- integrity -------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """The files this rank hashes: every world-th one, so the ranks share the reading."""
+    return names[_rank()::_world()]
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _write_manifest(directory: Path) -> None:
+    """Collectively: size and sha256 of every file in ``directory`` into ``manifest.json`` (written by rank 0)."""
+    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in _my_share(names)}
+    files = {k: v for part in _gather(mine) for k, v in part.items()}
+    missing = [name for name in REQUIRED if name not in files]  # the same on every rank
+    if missing:
+        raise CheckpointError(f"{directory}: the save did not write {missing[0]}")
+    if _rank() == 0:
+        write_json(directory / MANIFEST, {"format": "dscoder-checkpoint", "algorithm": "sha256",
+                                          "files": dict(sorted(files.items()))})
+
+
+def verify(path: Path, deep: bool = True) -> str | None:
+    """None if the checkpoint at ``path`` matches its manifest, else what is wrong (one phrase). ``deep`` compares
+    every file's sha256 (collectively: each rank reads a share); otherwise only presence and sizes are checked."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                                  for v in files.values()):
+            raise ValueError
+    except FileNotFoundError:
+        return f"no {MANIFEST} (not written by a complete save)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name in REQUIRED:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    problems = []
+    for name, want in files.items():
+        p = path / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+        elif p.stat().st_size != want["bytes"]:
+            problems.append(f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written")
+    if problems:
+        return problems[0]
+    if deep:
+        names = sorted(files)
+        bad = [name for name in _my_share(names) if _sha256(path / name) != files[name]["sha256"]]
+        bad = sorted(b for part in _gather(bad) for b in part)
+        if bad:
+            return f"{bad[0]} does not match its checksum (its bytes changed after the save)"
+    return None
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (rank 0 only)."""
+    if _rank() == 0:
+        print(f"dscoder: warning: {message}", file=sys.stderr, flush=True)
+
+
+def latest_intact(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that :func:`verify` accepts (collectively), warning in one line about
+    each newer one that it skips; None if the run has no checkpoint; a :class:`CheckpointError` if none is intact."""
+    found = checkpoints(run_dir)
+    first_problem = None
+    for path in reversed(found):
+        problem = verify(path)
+        if problem is None:
+            return path
+        first_problem = first_problem or f"{path.name}: {problem}"
+        warn(f"{path}: damaged ({problem}); skipping it for an earlier checkpoint")
+    if found:
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no intact checkpoint to resume from "
+                              f"({first_problem}); start a new --out")
+    return None
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -93,19 +195,33 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     with warnings.catch_warnings():  # DCP warns that a single process saves without a process group: intended
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    _write_json(tmp / f"rank-{_rank():05d}.json", {**extra, "rng": rng_state()})
+    write_json(tmp / f"rank-{_rank():05d}.json", {**extra, "rng": rng_state()}, indent=1)
     _barrier()
     if _rank() == 0:
-        _write_json(tmp / "meta.json", {**meta, "step": step, "world_size": _world()})
+        write_json(tmp / "meta.json", {**meta, "step": step, "world_size": _world()}, indent=1)
+    _barrier()
+    _write_manifest(tmp)
+    if _rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, keep)
         for stale in root.glob("step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints whose files are all there (sizes checked) and remove the ones older
+    than them; a damaged checkpoint is never counted, so it cannot push a good one out."""
+    found = checkpoints(run_dir)
+    intact = [p for p in found if verify(p, deep=False) is None][-keep:]
+    if len(intact) < keep:
+        return
+    oldest_kept = found.index(intact[0])
+    for old in found[:oldest_kept]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -131,8 +247,11 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
         state = {"model": get_model_state_dict(model)}
         _dcp_load(state, path)
         model.load_state_dict(state["model"])
-    extra = json.loads((path / f"rank-{_rank():05d}.json").read_text())
-    set_rng_state(extra.pop("rng"))
+    try:
+        extra = json.loads((path / f"rank-{_rank():05d}.json").read_text())
+        set_rng_state(extra.pop("rng"))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: rank-{_rank():05d}.json is missing or unreadable") from None
     return extra
 
 
@@ -150,9 +269,3 @@ def _dcp_load(state: dict, path: Path) -> None:
             dcp.load(state, checkpoint_id=str(path))
         except Exception as e:  # DCP wraps shape/key mismatches and unreadable files in its own errors
             raise CheckpointError(f"{path}: cannot load this checkpoint ({str(e).splitlines()[0][:200]})") from None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)

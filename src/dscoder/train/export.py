@@ -1,26 +1,68 @@
-"""``dscoder export``: a training checkpoint → an HF checkpoint directory (config, safetensors, tokenizer)."""
+"""``dscoder export``: a training checkpoint → an HF checkpoint directory (config, safetensors, tokenizer).
+
+The checkpoint is verified against its manifest first (a run directory exports its newest intact checkpoint). The
+output may not be a file, the run directory itself or a place inside its checkpoints, or another run: an export
+never writes over a run's files. The run's tokenizer (``RUN/tokenizer``, or the directory its checkpoint names) is
+exported with the weights; a run without one, or non-finite weights, get a one-line warning.
+"""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from dscoder.config import ModelConfig
-from dscoder.errors import CheckpointError
+from dscoder.errors import CheckpointError, DscoderError
+from dscoder.io import write_json
 from dscoder.train import checkpoint as ckpt
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its latest complete checkpoint)."""
+    """A checkpoint directory (verified), or a run directory (its newest intact checkpoint)."""
     path = Path(path)
-    if (path / "meta.json").exists():
+    if (path / "meta.json").exists() or (path / ckpt.MANIFEST).exists():
+        problem = ckpt.verify(path)
+        if problem:
+            raise CheckpointError(f"{path}: damaged checkpoint ({problem})")
         return path
-    found = ckpt.checkpoints(path)
-    if not found:
+    found = ckpt.latest_intact(path)
+    if found is None:
         raise CheckpointError(f"{path}: no complete checkpoint (expected a run directory or checkpoints/step-N)")
-    return found[-1]
+    return found
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """``RUN`` for ``RUN/checkpoints/step-N``."""
+    return checkpoint.resolve().parent.parent
+
+
+def check_out(out: Path, run: Path) -> None:
+    """Refuse an ``--out`` that is a file, the run directory, inside its checkpoints, or another run's directory."""
+    if out.exists() and not out.is_dir():
+        raise DscoderError(f"{out}: --out is an existing file; give a directory for the HF checkpoint")
+    target, run = out.resolve(), run.resolve()
+    if target == run:
+        raise DscoderError(f"{out}: --out is the run directory itself (its config.json would be overwritten); "
+                           f"give a new directory, e.g. {out / 'hf'}")
+    if target.is_relative_to(run / "checkpoints") or target.is_relative_to(run / "tokenizer"):
+        raise DscoderError(f"{out}: --out is inside the run's {target.relative_to(run).parts[0]}/; give a new "
+                           f"directory")
+    if (target / "checkpoints").is_dir() or (target / "metrics.jsonl").is_file():
+        raise DscoderError(f"{out}: --out holds a training run; give a new directory")
+
+
+def run_tokenizer(checkpoint: Path, meta: dict) -> Path | None:
+    """The tokenizer a run trained with: ``RUN/tokenizer``, else the directory named in the checkpoint's meta."""
+    run = run_dir_of(checkpoint)
+    candidates = [run / "tokenizer"]
+    if meta.get("tokenizer"):
+        candidates.append(run / meta["tokenizer"])  # a relative name is the run's; an absolute one stays as it is
+    return next((where for where in candidates if (where / "tokenizer.json").is_file()), None)
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Path:
@@ -28,14 +70,22 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
     from dscoder.tokenizer import Tokenizer
 
     path = resolve_checkpoint(source)
+    out = Path(out)
+    check_out(out, run_dir_of(path))
     meta = ckpt.read_meta(path)
     config = ModelConfig.from_hf_dict(meta["model"], source=str(path / "meta.json"))
     model = dscoder.build_model(config, dtype=torch.float32)
     ckpt.load_model_weights(path, model)
-    out = Path(out)
+    bad = nonfinite_tensors(model)
+    if bad:
+        ckpt.warn(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]}); exported as they are")
     dscoder.save_model(model, out, dtype=dtype)
-    tokenizer_dir = meta.get("tokenizer")
-    if tokenizer_dir and Path(tokenizer_dir).is_dir():
+    tokenizer_dir = run_tokenizer(path, meta)
+    if tokenizer_dir is not None:
         Tokenizer.load(tokenizer_dir).save(out)
-    shutil.copy(path / "meta.json", out / "dscoder_training_meta.json")
+    elif meta.get("tokenizer"):
+        ckpt.warn(f"{path}: the run's tokenizer ({meta['tokenizer']}) is gone; exported without a tokenizer")
+    else:
+        ckpt.warn(f"{path}: the run has no tokenizer; exported without one")
+    write_json(out / "dscoder_training_meta.json", meta)
     return out

@@ -9,7 +9,6 @@ with the routed experts spread over ``parallel.ep`` ranks when it is > 1 (``dsco
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,11 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dscoder.config import ModelConfig
-from dscoder.errors import CheckpointError, ConfigError, DscoderError
-from dscoder.train import checkpoint as ckpt
+from dscoder.errors import ConfigError, DscoderError
+from dscoder.io import read_jsonl
 from dscoder.train import expert_parallel
 from dscoder.train.config import Stage, TrainConfig
 from dscoder.train.optim import build_optimizer, lr_factor
+from dscoder.train.run import (Run, autocast, build_model, check_context, check_finite, model_config, set_lr,
+                               unwrap)
 
 
 @dataclass
@@ -55,50 +56,6 @@ def setup_distributed() -> Dist:
 
 
 # ----- model -----------------------------------------------------------------------------------------------------
-def model_config(config: TrainConfig, tokenizer) -> ModelConfig:
-    """The preset (or the init checkpoint's config) with the recipe's overrides; the vocabulary and bos/eos follow
-    the tokenizer unless the recipe sets them."""
-    if config.model.init:
-        base = ModelConfig.from_json_file(Path(config.model.init) / "config.json")
-    else:
-        base = ModelConfig.preset(config.model.preset)
-    changes = dict(config.model.overrides)
-    if not config.model.init:
-        changes.setdefault("vocab_size", tokenizer.vocab_size)
-        changes.setdefault("bos_token_id", tokenizer.bos_id)
-        changes.setdefault("eos_token_id", tokenizer.eos_id)
-    elif base.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.init has vocab_size {base.vocab_size} < the data's tokenizer ({tokenizer.vocab_size})")
-    return base.replace(**changes)
-
-
-def build(config: TrainConfig, mcfg: ModelConfig, d: Dist) -> torch.nn.Module:
-    import dscoder
-
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    if config.model.init:
-        model = dscoder.load_model(config.model.init, dtype=torch.float32, device=d.device)
-        if model.config != mcfg:
-            model = _rebuild_with(model, mcfg)
-    else:
-        model = dscoder.build_model(mcfg, dtype=torch.float32, device=d.device, seed=config.train.seed)
-    return model.train()
-
-
-def _rebuild_with(model, mcfg: ModelConfig):
-    """An init checkpoint with overridden non-shape fields (e.g. aux_loss_alpha): same weights, new config.
-
-    The new modules take the loaded tensors as they are (``DeepseekV2.from_state_dict``): the weights are never
-    held twice."""
-    from dscoder.model import DeepseekV2
-
-    try:
-        fresh, _, _ = DeepseekV2.from_state_dict(mcfg, model.state_dict())
-    except RuntimeError as e:
-        raise ConfigError(f"model overrides change the shapes of model.init's weights: {str(e).splitlines()[0]}") from None
-    return fresh
-
-
 def parallelize(model: torch.nn.Module, config: TrainConfig, d: Dist) -> torch.nn.Module:
     strategy = config.parallel.strategy if d.world > 1 else "none"
     ep = config.parallel.ep
@@ -134,11 +91,6 @@ def parallelize(model: torch.nn.Module, config: TrainConfig, d: Dist) -> torch.n
     if config.train.compile:
         model = torch.compile(model)
     return model
-
-
-def _inner(model: torch.nn.Module):
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 # ----- data ------------------------------------------------------------------------------------------------------
@@ -188,11 +140,9 @@ def _stage_at(plan: list[Stage], step: int) -> tuple[int, int]:
 def _config_at(mcfg: ModelConfig, plan: list[Stage], step: int) -> ModelConfig:
     """The model config in effect after ``step`` optimizer steps (stages may have changed the YaRN factor)."""
     stage = plan[_stage_at(plan, max(step - 1, 0))[0]]
-    if stage.rope_factor is None or mcfg.rope_scaling is None:
+    if stage.rope_factor is None or mcfg.yarn is None:
         return mcfg
-    rs = mcfg.rope_scaling
-    return mcfg.replace(rope_scaling={**rs, "factor": stage.rope_factor},
-                        max_position_embeddings=int(stage.rope_factor * rs["original_max_position_embeddings"]))
+    return mcfg.with_rope_factor(stage.rope_factor)
 
 
 def _apply_stage_rope(model, stage: Stage, base: ModelConfig) -> None:
@@ -200,7 +150,7 @@ def _apply_stage_rope(model, stage: Stage, base: ModelConfig) -> None:
         return
     if base.rope_scaling is None or base.rope_scaling["type"] != "yarn":
         raise ConfigError("stages[].rope_factor needs a model with YaRN rope_scaling")
-    _inner(model).set_rope_factor(stage.rope_factor)
+    unwrap(model).set_rope_factor(stage.rope_factor)
 
 
 def _peak_flops(device: torch.device) -> tuple[float, str]:
@@ -219,24 +169,12 @@ def _peak_flops(device: torch.device) -> tuple[float, str]:
     return 8 * 2 * 1024**3 / (time.perf_counter() - t0), "measured CPU fp32 matmul rate"
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    dtype = config.train.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _expert_load(model) -> float | None:
-    """Mean over MoE layers of (busiest expert's tokens / mean tokens per expert) in the last micro-batch."""
-    ratios = []
-    for layer in _inner(model).model.layers:
-        layer = getattr(layer, "_checkpoint_wrapped_module", layer)
-        counts = getattr(layer.mlp, "expert_counts", None) if layer.is_moe else None
-        if counts is not None:
-            ratios.append((counts.max() / counts.float().mean().clamp(min=1e-9)).item())
-    return sum(ratios) / len(ratios) if ratios else None
+def _expert_load(counts_LE: torch.Tensor | None) -> float | None:
+    """Mean over MoE layers of (busiest expert's tokens / mean tokens per expert), from a training forward's
+    ``expert_counts [L_moe, E]`` (the last micro-batch's)."""
+    if counts_LE is None:
+        return None
+    return float((counts_LE.amax(-1) / counts_LE.mean(-1).clamp(min=1e-9)).mean())
 
 
 def _all_mean(values: list[float], d: Dist) -> list[float]:
@@ -256,30 +194,22 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     out = Path(out)
     sources = data_sources(config)
     tokenizer = Tokenizer.load(Path(sources[0][0]) / "tokenizer")
-    mcfg = model_config(config, tokenizer)
-    expert_parallel.check(config.parallel.ep, d.world, mcfg.n_routed_experts)
-    existing = ckpt.checkpoints(out)
-    if existing and not resume:
-        raise DscoderError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another --out")
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    model = build(config, mcfg, d)
+    mcfg = model_config(config.model, tokenizer)
     plan = config.stage_plan()
+    for i, s in enumerate(plan):  # each stage's length against the context in effect during it
+        check_context(s.seq_len, _config_at(mcfg, plan, sum(p.steps for p in plan[:i]) + 1),
+                      f"stages[{i}].seq_len" if config.stages else "data.seq_len")
+    expert_parallel.check(config.parallel.ep, d.world, mcfg.n_routed_experts)
+    run = Run(out, main=d.main)
+    run.start(config.to_dict(), resume, tokenizer)
+    model = build_model(config.model, mcfg, config.train.seed, d.device)
     model = parallelize(model, config, d)
     t = config.train
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    start = 0
-    loader_state = None
-    if resume and existing:
-        meta = ckpt.read_meta(existing[-1])
-        expected = _config_at(mcfg, plan, meta.get("step", 0)).to_hf_dict()
-        if meta.get("model") != expected:
-            theirs, mine = meta.get("model", {}), expected
-            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-            raise CheckpointError(f"{existing[-1]}: saved with another model config ({', '.join(diff[:4])})")
-        extra = ckpt.load(existing[-1], model, optimizer)
-        start, loader_state = extra["step"], extra["loader"]
+    # the checkpoint must hold the model config in effect at its step (a stage may have changed the YaRN factor)
+    extra = run.restore(model, optimizer, resume,
+                        expected=lambda meta: _config_at(mcfg, plan, meta.get("step", 0)).to_hf_dict())
+    start, loader_state = (extra["step"], extra["loader"]) if extra else (0, None)
     total = config.total_steps
     stop = total if max_steps is None else min(total, max_steps)
     stage_idx, stage_start = _stage_at(plan, start)
@@ -288,11 +218,8 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     loader = make_loader(config, stage, tokenizer, d)
     if loader_state is not None:
         loader.load_state_dict(loader_state)
-    metrics_path = out / "metrics.jsonl"
-    if d.main:
-        _truncate_metrics(metrics_path, start)
     peak, peak_name = _peak_flops(d.device)
-    flops_per_token = _inner(model).flops_per_token(stage.seq_len)
+    flops_per_token = unwrap(model).flops_per_token(stage.seq_len)
     bar = None
     if d.main:
         from tqdm import tqdm
@@ -300,65 +227,65 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
         bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {}
     step = start
-    while step < stop:
-        idx, first = _stage_at(plan, step)
-        if idx != stage_idx:  # long-context extension: next stage's length, batch and YaRN factor
-            stage_idx, stage_start, stage = idx, first, plan[idx]
-            _apply_stage_rope(model, stage, mcfg)
-            position = loader.state_dict()  # the data stream continues; only row length and batch change
-            loader = make_loader(config, stage, tokenizer, d)
-            loader.load_state_dict(position)
-            flops_per_token = _inner(model).flops_per_token(stage.seq_len)
-        t0 = time.perf_counter()
-        lm_sum, aux_sum, tokens = 0.0, 0.0, 0
-        for micro in range(t.grad_accum):
-            ids, labels = _next_batch(loader, config, stage, d)
-            sync = micro == t.grad_accum - 1
-            with _no_sync(model, config, sync, d), _autocast(config, d.device):
-                output = model(ids)
-                lm = F.cross_entropy(output.logits.float().flatten(0, 1), labels.flatten())
-                aux = output.aux_loss if output.aux_loss is not None else torch.zeros((), device=d.device)
-                ((lm + aux) / t.grad_accum).backward()
-            lm_sum += lm.item()
-            aux_sum += float(aux.detach())
-            tokens += ids.numel()
-        if config.parallel.ep > 1:
-            expert_parallel.reduce_expert_grads(model)
-            grad_norm = expert_parallel.clip_grad_norm_(model, t.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = (stage.lr or t.lr) * (lr_factor(step - stage_start, min(t.warmup_steps, stage.steps // 2 or 1),
-                                             stage.steps, t.min_lr_ratio) if config.stages else
-                                   lr_factor(step, t.warmup_steps, total, t.min_lr_ratio))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        lm_loss, aux_loss = _all_mean([lm_sum / t.grad_accum, aux_sum / t.grad_accum], d)
-        tok_s = tokens * d.world / seconds
-        last = {"step": step, "loss": lm_loss, "aux_loss": aux_loss, "grad_norm": float(grad_norm), "lr": lr,
-                "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak, "seq_len": stage.seq_len,
-                "expert_load_max": _expert_load(model)}
-        if d.main:
+    try:
+        while step < stop:
+            idx, first = _stage_at(plan, step)
+            if idx != stage_idx:  # long-context extension: next stage's length, batch and YaRN factor
+                stage_idx, stage_start, stage = idx, first, plan[idx]
+                _apply_stage_rope(model, stage, mcfg)
+                position = loader.state_dict()  # the data stream continues; only row length and batch change
+                loader = make_loader(config, stage, tokenizer, d)
+                loader.load_state_dict(position)
+                flops_per_token = unwrap(model).flops_per_token(stage.seq_len)
+            t0 = time.perf_counter()
+            lm_sum, aux_sum, tokens = 0.0, 0.0, 0
+            for micro in range(t.grad_accum):
+                ids, labels = _next_batch(loader, config, stage, d)
+                sync = micro == t.grad_accum - 1
+                with _no_sync(model, config, sync, d), autocast(t.dtype, d.device):
+                    output = model(ids)
+                    lm = F.cross_entropy(output.logits.float().flatten(0, 1), labels.flatten())
+                    aux = output.aux_loss if output.aux_loss is not None else torch.zeros((), device=d.device)
+                    ((lm + aux) / t.grad_accum).backward()
+                lm_sum += lm.item()
+                aux_sum += float(aux.detach())
+                tokens += ids.numel()
+            if config.parallel.ep > 1:
+                expert_parallel.reduce_expert_grads(model)
+                grad_norm = expert_parallel.clip_grad_norm_(model, t.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            lr = (stage.lr or t.lr) * (lr_factor(step - stage_start, min(t.warmup_steps, stage.steps // 2 or 1),
+                                                 stage.steps, t.min_lr_ratio) if config.stages else
+                                       lr_factor(step, t.warmup_steps, total, t.min_lr_ratio))
+            lm_loss, aux_loss = _all_mean([lm_sum / t.grad_accum, aux_sum / t.grad_accum], d)
+            check_finite(step + 1, loss=lm_loss, aux_loss=aux_loss, grad_norm=float(grad_norm))  # the same on all ranks
+            set_lr(optimizer, lr)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            tok_s = tokens * d.world / seconds
+            last = {"step": step, "loss": lm_loss, "aux_loss": aux_loss, "grad_norm": float(grad_norm), "lr": lr,
+                    "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak, "seq_len": stage.seq_len,
+                    "expert_load_max": _expert_load(output.expert_counts)}
             if step % t.log_every == 0 or step == stop:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-            bar.update()
-            bar.set_postfix(loss=f"{lm_loss:.3f}", tok_s=f"{tok_s:.0f}")
-        if step % t.ckpt_every == 0 or step == stop:
-            ckpt.save(out, step, model, optimizer, extra={"step": step, "loader": loader.state_dict()},
-                      meta={"model": _inner(model).config.to_hf_dict(), "tokenizer": str(Path(sources[0][0]) / "tokenizer"),
-                            "peak_flops": peak_name}, keep=t.keep_checkpoints)
-    if d.main:
-        bar.close()
-        if metrics_path.exists():
-            plot_loss(metrics_path, out / "loss.png")
+                run.log(last)
+            if d.main:
+                bar.update()
+                bar.set_postfix(loss=f"{lm_loss:.3f}", tok_s=f"{tok_s:.0f}")
+            if step % t.ckpt_every == 0 or step == stop:
+                run.save(step, model, optimizer, extra={"loader": loader.state_dict()}, meta={"peak_flops": peak_name},
+                         keep=t.keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.close()
+    if d.main and run.metrics.exists():
+        plot_loss(run.metrics, out / "loss.png")
     return last
 
 
@@ -379,21 +306,13 @@ def _no_sync(model, config: TrainConfig, sync: bool, d: Dist):
     return contextlib.nullcontext()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def plot_loss(metrics_path: Path, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    rows = [row for _, row in read_jsonl(metrics_path, "metrics", allow_empty=True)]
     if not rows:
         return
     steps = [r["step"] for r in rows]
