@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import assert_one_line_error
 from data_corpus import make_corpus
 from dscoder.cli import main
 from dscoder.data.pipeline import BuildConfig, build
@@ -107,15 +114,211 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "dscoder: error:" in err and "tokenizer.json" in err and "Traceback" not in err
 
 
-def test_jsonl_source_with_a_bad_record(tmp_path):
+def test_jsonl_source_with_bad_records(tmp_path, capfd):
+    """A line that is not an object, or whose text is not a string, is skipped and counted; the build goes on."""
     src = tmp_path / "docs.jsonl"
     code = (Path(__file__).parent / "data_corpus.py").read_text()
-    src.write_text(json.dumps({"text": code, "path": "a/corpus.py"}) + "\nnot json\n"
-                   + json.dumps({"content": "x = 1\nprint(x)\n" * 5, "path": "b/small.py"}) + "\n")
-    manifest = build(BuildConfig(sources=[str(src)], out=str(tmp_path / "out"), tasks=1, vocab_size=300,
-                                 humaneval=False), workers=1)
-    assert manifest["documents_in"] == 3 and manifest["documents_kept"] == 2
-    assert manifest["dropped"] == {"bad_record": 1}
+    bad = ["not json", "[1, 2]", json.dumps({"text": 5}), json.dumps({"text": ["a"], "path": "c.py"}),
+           json.dumps({"content": {"x": 1}, "path": ["odd"]})]
+    src.write_text("\n".join([json.dumps({"text": code, "path": "a/corpus.py"}), *bad,
+                              json.dumps({"content": "x = 1\nprint(x)\n" * 5, "path": "b/small.py"}),
+                              json.dumps({"path": "d.py"})]) + "\n")
+    assert main(["data", "build", str(src), "--out", str(tmp_path / "out"), "--tasks", "2", "--workers", "1",
+                 "--vocab-size", "300", "--no-humaneval"]) == 0
+    assert "Traceback" not in capfd.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["documents_in"] == 8 and manifest["documents_kept"] == 2
+    assert manifest["dropped"] == {"bad_record": 5, "no_text": 1}
+    rejected = _rejected_rows(tmp_path / "out")
+    assert {r["path"] for r in rejected if r["rule"] == "bad_record"} == {"docs.jsonl#2", "docs.jsonl#3",
+                                                                          "docs.jsonl#4", "c.py", "docs.jsonl#6"}
+
+
+def _rejected_rows(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted((out / "rejected").glob("*.jsonl.gz")):
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            rows += [json.loads(line) for line in fh]
+    return rows
+
+
+def _build_args(src, out, *extra) -> list[str]:
+    return ["data", "build", str(src), "--out", str(out), "--tasks", "1", "--workers", "1", "--vocab-size", "300",
+            "--no-humaneval", *extra]
+
+
+def _error_line(capfd) -> str:
+    """stderr without the 'building ...' line the CLI prints before it starts."""
+    err = capfd.readouterr().err
+    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("building "))
+
+
+def _small_tree(root: Path) -> Path:
+    (root / "pkg").mkdir(parents=True)
+    for name in ("textwrap.py", "colorsys.py"):
+        (root / "pkg" / name).write_text((Path(shutil.__file__).parent / name).read_text(encoding="utf-8"))
+    return root
+
+
+def _alarm(seconds: int):
+    """Fail (instead of hanging the suite) if the block takes longer than ``seconds``."""
+    def on_alarm(*_):
+        raise TimeoutError(f"took longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    return previous
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_are_rejected_without_being_opened(tmp_path, capfd):
+    src = _small_tree(tmp_path / "src")
+    os.mkfifo(src / "pkg" / "pipe.py")  # opening it for reading would block until a writer comes: forever
+    unreadable = os.geteuid() != 0  # root reads everything
+    if unreadable:
+        (src / "pkg" / "secret.py").write_text("x = 1\n")
+        (src / "pkg" / "secret.py").chmod(0)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(src / "pkg" / "sock.py"))
+        previous = _alarm(120)
+        try:
+            code = main(_build_args(src, tmp_path / "out"))
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    assert code == 0 and "Traceback" not in capfd.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["dropped"] == {"special_file": 2, **({"unreadable": 1} if unreadable else {})}
+    assert manifest["documents_kept"] == 2
+    assert {r["path"] for r in _rejected_rows(tmp_path / "out") if r["rule"] == "special_file"} == {
+        "src/pkg/pipe.py", "src/pkg/sock.py"}
+    # a FIFO named as a source is refused up front
+    assert main(_build_args(src / "pkg" / "pipe.py", tmp_path / "out2")) == 2
+    assert_one_line_error(_error_line(capfd), "pipe.py", "not a regular file or a folder")
+
+
+def test_bad_sources_and_arguments_are_one_line(tmp_path, capfd):
+    src = _small_tree(tmp_path / "src")
+    parquet = tmp_path / "broken.parquet"
+    parquet.write_bytes(b"PAR1" + os.urandom(300) + b"PAR1")
+    lines = "".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 20}) + "\n" for i in range(300))
+    packed = gzip.compress(lines.encode())
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(packed[: len(packed) // 2])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text(json.dumps({"text": "add two numbers", "code": "def add(a, b): return a + b"}) + "\n"
+                    + json.dumps({"text": 1, "code": None}) + "\n")
+    cases = [
+        (_build_args(src, tmp_path / "o8", "--mbpp", str(mbpp)), ["mbpp.jsonl:2", "not an MBPP record"]),
+        (_build_args(parquet, tmp_path / "o1"), ["broken.parquet", "not a readable parquet file"]),
+        (_build_args(truncated, tmp_path / "o2"), ["cut.jsonl.gz", "truncated or corrupt gzip"]),
+        (_build_args(src, a_file), ["a_file", "exists and is not a folder"]),
+        (_build_args(src, tmp_path / "o3", "--vocab-size", "0"), ["vocab_size must be an integer >= 262", "0"]),
+        (_build_args(src, tmp_path / "o4", "--tasks", "-2"), ["tasks must be an integer >= 1"]),
+        (_build_args(src, tmp_path / "o5", "--workers", "0"), ["workers must be -1"]),
+        (_build_args(src, tmp_path / "o6", "--rule", "min_alpha_fraction=1.5"), ["min_alpha_fraction", "[0, 1]"]),
+        (_build_args(src, tmp_path / "o7", "--rule", "max_lines=-1"), ["max_lines", ">= 0"]),
+        (_build_args(src, src / "pkg" / "out"), ["inside the source folder"]),
+    ]
+    for args, needles in cases:
+        assert main(args) == 2, args
+        assert_one_line_error(_error_line(capfd), *needles)
+    assert a_file.read_text() == "mine\n"  # nothing a user made is touched
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))  # refused before anything is written
+
+
+def test_resume_refuses_changed_sources(tmp_path, capfd):
+    src = _small_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(_build_args(src, out)) == 0
+    # killed in the tokenize stage, then the source tree changes before the rerun
+    (out / "logs" / "tokenize" / "completions" / "00000").unlink()
+    shutil.rmtree(out / "logs" / "report")
+    capfd.readouterr()
+    for change in (lambda: (src / "pkg" / "new.py").write_text("x = 1\n"),
+                   lambda: os.utime(src / "pkg" / "colorsys.py", ns=(1, 1))):
+        change()
+        assert main(_build_args(src, out)) == 2
+        assert_one_line_error(_error_line(capfd), str(src), "sources changed", "fresh --out")
+    assert main(_build_args(src, tmp_path / "fresh")) == 0  # the advice works
+    assert json.loads((tmp_path / "fresh" / "manifest.json").read_text())["documents_in"] == 3
+
+
+def test_filter_task_refuses_files_added_during_the_build(tmp_path):
+    from dscoder.data.pipeline import FilterStage, prepare
+
+    src = _small_tree(tmp_path / "src")
+    config = BuildConfig(sources=[str(src)], out=str(tmp_path / "out"), tasks=1, humaneval=False)
+    prepare(config)
+    os.utime(src / "pkg" / "colorsys.py", ns=(1, 1))  # content may change: each file is read once, by one task
+    list(FilterStage(config).run())
+    (src / "pkg" / "late.py").write_text("x = 1\n")  # but a new file would shift the documents' indices
+    with pytest.raises(DscoderError, match="added or removed while this build ran"):
+        list(FilterStage(config).run())
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """{pid: parent pid} of every live process below ``pid`` (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    found, frontier = {}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in found:
+                found[child] = parent
+                frontier.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_build(tmp_path):
+    """SIGKILL the launching process while 2 pool workers filter the standard library: none of its processes
+    (workers, datatrove's manager, the fork server) may outlive it."""
+    proc = subprocess.Popen([sys.executable, "-m", "dscoder.cli", "data", "build", "--out", str(tmp_path / "out"),
+                             "--tasks", "2", "--workers", "2", "--no-humaneval"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    below: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            below = _descendants(proc.pid)
+            workers = [p for p, parent in below.items() if parent != proc.pid]  # the fork server's children
+            if len(workers) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and len(workers) >= 2, f"no pool workers seen: {below}"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(map(_alive, below)):
+            time.sleep(0.1)
+        survivors = [p for p in below if _alive(p)]
+        assert not survivors, f"outlived the killed build: {survivors}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for p in below:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not (MBPP.parent.parent / "deepseek-coder-v2-languages.txt").exists(), reason="no shared data")
@@ -145,6 +348,11 @@ def test_parquet_text_build_without_code_rules_and_tokenizer_cli(tmp_path, capsy
     assert Tokenizer.load(tmp_path / "tok").vocab_size == 280
     assert main(["tokenizer", "train", "--data", str(tmp_path), "--out", str(tmp_path / "t2")]) == 2
     assert "no documents/" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("mine\n")
+    assert main(["tokenizer", "train", "--data", str(out), "--vocab-size", "280",
+                 "--out", str(tmp_path / "a_file")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "a_file", "exists and is not a folder")
+    assert (tmp_path / "a_file").read_text() == "mine\n"
 
 
 def test_cluster_executors_are_chained_stages(tmp_path):

@@ -99,6 +99,26 @@ def test_psm_layout_is_the_papers(tok):
     assert with_eos[-1] == tok.eos_id and with_eos[0] == tok.fim_begin_id
 
 
+@pytest.mark.parametrize("mode", ["psm", "spm"])
+def test_training_and_inference_share_one_layout(tok, mode):
+    """Training examples and the inference prompt come from the same builder (dscoder.tokenizer.fim_layout): the
+    prompt is the training example without its middle (PSM: up to fim_end; SPM: up to the end of the prefix), and a
+    sentinel's spelling stays text."""
+    text = f"def f(x):\n    s = '{FIM_HOLE_TOKEN}'\n    return x + 1\n"
+    prefix, middle, suffix = fim_split(text, np.random.default_rng(5))
+    ids = fim_tokens(text, np.random.default_rng(5), tok, mode=mode)
+    assert ids == tok.fim_ids(prefix, suffix, middle, mode=mode)
+    prompt = tok.fim_ids(prefix, suffix, mode=mode)
+    assert ids == prompt + tok.encode(middle)
+    assert prompt[-1] == tok.fim_end_id if mode == "psm" else prompt[-len(tok.encode(prefix)) - 1] == tok.fim_end_id
+    assert undo_fim(ids, tok) == text
+    if mode == "psm":
+        plain = "def g(y):\n    return y\n"
+        assert tok.encode(tok.fim_prompt(plain[:9], plain[9:]), allow_special=True) == tok.fim_ids(plain[:9], plain[9:])
+    with pytest.raises(DscoderError, match="FIM mode must be one of psm, spm"):
+        tok.fim_ids(prefix, suffix, mode="pms")
+
+
 def test_spm_layout(tok):
     text = "for i in range(10):\n    print(i)\n"
     prefix, middle, suffix = fim_split(text, np.random.default_rng(5))

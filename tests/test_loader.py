@@ -12,7 +12,7 @@ import torch
 
 from dscoder.data.fim import document_tokens, undo_fim
 from dscoder.data.loader import PackedLoader
-from dscoder.data.shards import ShardWriter
+from dscoder.data.shards import ShardWriter, TokenDataset
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
 
@@ -337,3 +337,14 @@ def test_min_tokens_keeps_only_long_documents(builds, tok):
     assert sorted(seen[: len(long_docs)]) == long_docs  # the first epoch is exactly the long documents
     with pytest.raises(DscoderError, match="holds no documents of 100000 tokens or more"):
         PackedLoader([(path, 1.0, 100_000)], tok, seq_len=16, batch_size=4, fim_rate=0.0)
+
+
+def test_shard_writer_leaves_nothing_when_the_writer_fails(tmp_path):
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path / "tokens", "s") as writer:
+        writer.add([1, 2, 3])
+        raise RuntimeError("tokenizer crashed")
+    assert list((tmp_path / "tokens").iterdir()) == []
+    with ShardWriter(tmp_path / "tokens", "s") as writer:
+        writer.add([1, 2, 3])
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == ["s.bin", "s.idx.npy"]
+    assert TokenDataset(tmp_path)[0].tolist() == [1, 2, 3]

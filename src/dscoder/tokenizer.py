@@ -17,15 +17,15 @@ control token.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from dscoder.errors import ConfigError, DscoderError
+from dscoder.io import write_text
 
 # Spelled as DeepSeek does: "｜" is U+FF5C FULLWIDTH VERTICAL LINE and "▁" is U+2581 LOWER ONE EIGHTH BLOCK.
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -53,6 +53,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 CHAT_ROLES = ("system", "user", "assistant")
+FIM_MODES = ("psm", "spm")
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -165,6 +166,8 @@ class Tokenizer:
         prepends bos when ``add_bos_token``) and renders ``chat_template``.
         """
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise DscoderError(f"{directory}: exists and is not a folder; choose another tokenizer folder")
         directory.mkdir(parents=True, exist_ok=True)
         backend = BackendTokenizer.from_str(self.backend.to_str())
         # transformers' generic fast tokenizer ignores add_bos_token and runs the file's post-processor instead.
@@ -185,9 +188,9 @@ class Tokenizer:
             "chat_template": self.chat_template,
         }
         special_map = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
-        _write_atomic(directory / TOKENIZER_FILE, backend.to_str(pretty=True))
-        _write_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(directory / SPECIAL_TOKENS_MAP_FILE, json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+        write_text(directory / TOKENIZER_FILE, backend.to_str(pretty=True))
+        write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text(directory / SPECIAL_TOKENS_MAP_FILE, json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
         return directory
 
     # ------------------------------------------------------------------ ids
@@ -262,13 +265,25 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ prompts
 
+    def fim_ids(self, prefix: str, suffix: str, middle: str = "", mode: str = "psm") -> list[int]:
+        """FIM token ids in the layout of :func:`fim_layout`, each piece encoded on its own as plain text (a
+        sentinel's spelling inside a piece stays text). With ``middle=""`` this is the infilling prompt the model
+        completes; training examples (:mod:`dscoder.data.fim`) are the same layout with the middle filled in."""
+        self._need_fim()
+        return fim_layout(self.encode(prefix), self.encode(suffix), self.encode(middle),
+                          (self.fim_begin_id, self.fim_hole_id, self.fim_end_id), mode)
+
     def fim_prompt(self, prefix: str, suffix: str) -> str:
-        """The PSM infilling prompt ``<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>``; the model writes the
-        middle. Encode it with ``allow_special=True``."""
+        """The PSM infilling prompt ``<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>`` as text (the layout of
+        :func:`fim_layout`); the model writes the middle. Encode it with ``allow_special=True``, or use
+        :meth:`fim_ids`, which keeps sentinel spellings inside ``prefix`` and ``suffix`` as plain text."""
+        self._need_fim()
+        return "".join(fim_layout([prefix], [suffix], [], (FIM_BEGIN_TOKEN, FIM_HOLE_TOKEN, FIM_END_TOKEN)))
+
+    def _need_fim(self) -> None:
         if not self.has_fim:
             raise DscoderError("this tokenizer has no FIM tokens "
                                f"({FIM_BEGIN_TOKEN}, {FIM_HOLE_TOKEN}, {FIM_END_TOKEN})")
-        return f"{FIM_BEGIN_TOKEN}{prefix}{FIM_HOLE_TOKEN}{suffix}{FIM_END_TOKEN}"
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` ([{"role": "system"|"user"|"assistant", "content": str}, ...]) in the DeepSeek-Coder-V2
@@ -305,6 +320,27 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
                 f"pad_id={self.pad_id}, fim_begin/hole/end={self.fim_begin_id}/{self.fim_hole_id}/{self.fim_end_id})")
+
+
+T = TypeVar("T")
+
+
+def fim_layout(prefix: Sequence[T], suffix: Sequence[T], middle: Sequence[T], sentinels: tuple[T, T, T],
+               mode: str = "psm") -> list[T]:
+    """The one place the FIM order is written, for training examples and inference prompts alike.
+
+    ``sentinels`` is (begin, hole, end): ids, or the token strings with one-string pieces. DeepSeek calls the
+    sentinel before the suffix "hole"::
+
+        psm: begin prefix hole suffix end middle        (DeepSeek-Coder-V2; the inference prompt has no middle)
+        spm: begin hole suffix end prefix middle        (Bavarian et al. 2022, App. D: the prefix runs into the middle)
+    """
+    begin, hole, end = sentinels
+    if mode == "psm":
+        return [begin, *prefix, hole, *suffix, end, *middle]
+    if mode == "spm":
+        return [begin, hole, *suffix, end, *prefix, *middle]
+    raise ConfigError(f"FIM mode must be one of {', '.join(FIM_MODES)}, got {mode!r}")
 
 
 def _added_token(content: str) -> AddedToken:
@@ -363,12 +399,6 @@ def _read_chat_template(config: Mapping[str, Any], directory: Path) -> str | Non
         except (OSError, UnicodeDecodeError) as e:
             raise DscoderError(f"{jinja}: not readable ({_one_line(e)})") from None
     return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _one_line(error: BaseException) -> str:

@@ -11,13 +11,13 @@ that any code base holds.)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dscoder.data.ngrams import code_tokens, ngram_hashes, token_hashes
 from dscoder.errors import DscoderError
+from dscoder.io import iter_jsonl
 
 N = 10
 MIN_SHORT = 3
@@ -37,20 +37,15 @@ def humaneval_items() -> list[str]:
 
 
 def mbpp_items(path: str | Path) -> list[str]:
-    path = Path(path)
+    """MBPP's descriptions, solutions and test asserts; a record without string 'text' and 'code' is an error."""
     items = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    items += [row["text"], row["code"], *row.get("test_list", [])]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DscoderError(f"{path}:{line_no}: not an MBPP record (needs 'text' and 'code')") from None
-    except FileNotFoundError:
-        raise DscoderError(f"{path}: MBPP file not found") from None
+    for line_no, row in iter_jsonl(path, "MBPP"):
+        tests = row.get("test_list", []) if isinstance(row, dict) else None
+        fields = [row.get("text"), row.get("code"), *tests] if isinstance(tests, list) else [None]
+        if not all(isinstance(f, str) for f in fields):
+            raise DscoderError(f"{path}:{line_no}: not an MBPP record (needs string 'text' and 'code', "
+                               "and 'test_list' a list of strings)")
+        items += fields
     return items
 
 

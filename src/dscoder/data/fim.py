@@ -2,9 +2,10 @@
 
 A document is cut at two character positions drawn uniformly from [0, len(text)] into prefix, middle and suffix,
 each piece is encoded on its own, and the pieces are laid out with the sentinels (B = fim_begin, H = fim_hole,
-E = fim_end; DeepSeek calls the sentinel before the suffix "hole")::
+E = fim_end; DeepSeek calls the sentinel before the suffix "hole") by :func:`dscoder.tokenizer.fim_layout`, the
+function that also lays out the inference prompt (``Tokenizer.fim_ids`` / ``fim_prompt``), so the two cannot drift::
 
-    PSM: B enc(prefix) H enc(suffix) E enc(middle)                 (the paper; the inference prompt is fim_prompt)
+    PSM: B enc(prefix) H enc(suffix) E enc(middle)                 (the paper; the inference prompt stops at E)
     SPM: B H enc(suffix) E enc(prefix) enc(middle)
 
 SPM is the variant of Bavarian et al. 2022 ("Efficient Training of Language Models to Fill in the Middle", App. D)
@@ -24,8 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from dscoder.errors import ConfigError
-
-FIM_MODES = ("psm", "spm")
+from dscoder.tokenizer import FIM_MODES, fim_layout
 
 
 class FimTokenizer(Protocol):
@@ -53,11 +53,9 @@ def fim_tokens(text: str, rng: np.random.Generator, tok: FimTokenizer, mode: str
     """The FIM token ids of one document in ``mode`` "psm" or "spm" (layouts in the module docstring); no eos."""
     if mode not in FIM_MODES:
         raise ConfigError(f"FIM mode must be one of {', '.join(FIM_MODES)}, got {mode!r}")
-    begin, hole, end = _sentinels(tok)
+    sentinels = _sentinels(tok)
     prefix, middle, suffix = fim_split(text, rng)
-    if mode == "psm":
-        return [begin, *tok.encode(prefix), hole, *tok.encode(suffix), end, *tok.encode(middle)]
-    return [begin, hole, *tok.encode(suffix), end, *tok.encode(prefix), *tok.encode(middle)]
+    return fim_layout(tok.encode(prefix), tok.encode(suffix), tok.encode(middle), sentinels, mode)
 
 
 def document_tokens(text: str, rng: np.random.Generator, tok: FimTokenizer, fim_rate: float = 0.5,

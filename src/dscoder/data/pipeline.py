@@ -13,12 +13,18 @@ completion marker under ``OUT/logs/STAGE/`` and is skipped on rerun):
 5. ``report`` (1 task): ``manifest.json`` and ``data_stats.png``.
 
 Every rejected file is a line ``{"path", "id", "rule", "language", "stage"}`` in ``OUT/rejected/*.jsonl.gz``.
+
+Before any task runs, the launching process scans the sources (``OUT/_work/sources.json``: a fingerprint of each,
+its document count), so an unreadable source is one clear error up front and a resumed build whose sources changed
+since it started is refused. Worker processes die with the launching process (:mod:`dscoder.data.lifetime`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -33,8 +39,9 @@ from datatrove.pipeline.base import PipelineStep
 from dscoder.data import langid
 from dscoder.data.rules import RuleConfig, check
 from dscoder.data.shards import ShardWriter
-from dscoder.data.sources import RawDocument, iter_documents
-from dscoder.errors import DscoderError
+from dscoder.data.sources import RawDocument, changed_sources, iter_documents, scan_sources
+from dscoder.errors import ConfigError, DscoderError
+from dscoder.io import atomic_write, iter_jsonl, write_json
 
 STAGES = ("filter", "dedup", "tokenizer", "tokenize", "report")
 
@@ -60,35 +67,48 @@ class BuildConfig:
     def rule_config(self) -> RuleConfig:
         return RuleConfig(**self.rules)
 
+    def validate(self) -> None:
+        """Numbers out of range are one :class:`ConfigError` naming the field, before any work starts."""
+        from dscoder.tokenizer import SPECIAL_TOKENS
+
+        minimum_vocab = 256 + len(SPECIAL_TOKENS)
+        _check_int("vocab_size", self.vocab_size, minimum_vocab, f" (256 byte tokens + {len(SPECIAL_TOKENS)} "
+                   "special tokens)")
+        _check_int("tasks", self.tasks, 1)
+        _check_int("minhash_perms", self.minhash_perms, 1)
+        _check_int("minhash_ngram", self.minhash_ngram, 1)
+        t = self.minhash_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+            raise ConfigError(f"minhash_threshold must be a number in (0, 1], got {t!r}")
+        self.rule_config.validate()
+
+
+def _check_int(name: str, value: Any, minimum: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
+
 
 # ----- small file helpers ----------------------------------------------------------------------------------------
-class _JsonlGzWriter:
-    """Writes ``path`` atomically: lines go to a temporary file that is renamed on ``close``."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        self.f = gzip.open(self.tmp, "wt", encoding="utf-8", compresslevel=1)
-
-    def write(self, obj: dict) -> None:
-        self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
-    def close(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
+@contextlib.contextmanager
+def _jsonl_gz(path: Path):
+    """A ``write(obj)`` function appending one JSON line to ``path`` (gzip); the file appears, whole, when the
+    ``with`` block ends without an error (:func:`dscoder.io.atomic_write`)."""
+    with (atomic_write(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1) as gz,
+          io.TextIOWrapper(gz, encoding="utf-8") as text):
+        yield lambda obj: text.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def _read_jsonl_gz(path: Path):
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+    """The objects of a jsonl(.gz) file this build wrote."""
+    for _, obj in iter_jsonl(path, "build"):
+        yield obj
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DscoderError(f"{path}: not readable JSON ({e}); delete the folder to rebuild") from None
 
 
 def _progress(desc: str, rank: int):
@@ -145,23 +165,28 @@ class FilterStage(PipelineStep):
         rules = cfg.rule_config
         decontam = (Decontaminator.from_sources(cfg.humaneval, cfg.mbpp) if cfg.humaneval or cfg.mbpp else None)
         hasher = MinHasher(cfg.minhash_perms, cfg.minhash_ngram)
-        kept = _JsonlGzWriter(out / "_work" / "filtered" / f"{rank:05d}.jsonl.gz")
-        rejected = _JsonlGzWriter(out / "rejected" / f"filter-{rank:05d}.jsonl.gz")
+        scanned = _read_json(out / "_work" / "sources.json")
+        # every task must see the files the scan saw, or the documents' indices (and so the tasks) would disagree
+        changed = changed_sources(scanned, names_only=True)
+        if changed:
+            raise DscoderError(f"{', '.join(changed)}: files were added or removed while this build ran; "
+                               "use a fresh --out")
         orders, shas, sigs, sig_rows = [], [], [], []
         stats = Counter()
         dropped = Counter()
         sources = [Path(s) for s in cfg.sources]
-        with _progress("filter", rank) as bar:
-            for raw in iter_documents(sources, rank, world_size, rules.max_file_bytes):
+        with (_jsonl_gz(out / "_work" / "filtered" / f"{rank:05d}.jsonl.gz") as keep,
+              _jsonl_gz(out / "rejected" / f"filter-{rank:05d}.jsonl.gz") as reject, _progress("filter", rank) as bar):
+            for raw in iter_documents(sources, rank, world_size, rules.max_file_bytes,
+                                      records=[e["records"] for e in scanned]):
                 bar.update()
                 stats["documents_in"] += 1
-                size = len(raw.content.encode() if isinstance(raw.content, str) else raw.content or b"")
-                stats["bytes_in"] += size
+                content = raw.content
+                stats["bytes_in"] += len(content.encode() if isinstance(content, str) else content or b"")
                 rule, language, text = self._decide(raw, rules, decontam)
                 if rule is not None:
                     dropped[rule] += 1
-                    rejected.write({"path": raw.path, "id": raw.id, "rule": rule, "language": language,
-                                    "stage": "filter"})
+                    reject({"path": raw.path, "id": raw.id, "rule": rule, "language": language, "stage": "filter"})
                     continue
                 sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
                 sig = hasher.signature(text) if cfg.dedup else None
@@ -170,17 +195,15 @@ class FilterStage(PipelineStep):
                     sigs.append(sig)
                 orders.append(raw.index)
                 shas.append(sha)
-                kept.write({"id": raw.id, "index": raw.index, "path": raw.path, "language": language,
-                            "sha256": sha, "text": text})
-        kept.close()
-        rejected.close()
+                keep({"id": raw.id, "index": raw.index, "path": raw.path, "language": language, "sha256": sha,
+                      "text": text})
         sig_matrix = np.stack(sigs) if sigs else np.zeros((0, cfg.minhash_perms), dtype=np.uint64)
         tmp = out / "_work" / "sigs" / f"{rank:05d}.tmp.npz"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, order=np.asarray(orders, dtype=np.int64), sha=np.asarray(shas, dtype="U64"),
                  sig_rows=np.asarray(sig_rows, dtype=np.int64), sigs=sig_matrix)
         os.replace(tmp, tmp.with_name(f"{rank:05d}.npz"))
-        _write_json(out / "_work" / "stats" / f"filter-{rank:05d}.json", {**stats, "dropped": dropped})
+        write_json(out / "_work" / "stats" / f"filter-{rank:05d}.json", {**stats, "dropped": dropped})
         return
         yield  # a datatrove step is a generator
 
@@ -233,7 +256,7 @@ class DedupStage(PipelineStep):
                     continue
                 lsh.insert(o, m)
                 minhashes[o] = m
-        _write_json(out / "_work" / "dedup.json", {str(k): v for k, v in sorted(remove.items())})
+        write_json(out / "_work" / "dedup.json", {str(k): v for k, v in sorted(remove.items())})
         return
         yield
 
@@ -250,7 +273,7 @@ def iter_build_texts(build_dir: Path):
 
 
 def _kept_texts(out: Path):
-    remove = json.loads((out / "_work" / "dedup.json").read_text())
+    remove = _read_json(out / "_work" / "dedup.json")
     for f in sorted((out / "_work" / "filtered").glob("*.jsonl.gz")):
         for doc in _read_jsonl_gz(f):
             if str(doc["index"]) not in remove:
@@ -297,11 +320,8 @@ class TokenizeStage(PipelineStep):
 
         out = Path(self.config.out)
         tok = Tokenizer.load(out / "tokenizer")
-        remove = json.loads((out / "_work" / "dedup.json").read_text())
+        remove = _read_json(out / "_work" / "dedup.json")
         src = out / "_work" / "filtered" / f"{rank:05d}.jsonl.gz"
-        docs_out = _JsonlGzWriter(out / "documents" / f"{rank:05d}.jsonl.gz")
-        rejected = _JsonlGzWriter(out / "rejected" / f"dedup-{rank:05d}.jsonl.gz")
-        shard = ShardWriter(out / "tokens", f"{rank:05d}")
         languages, stats, dropped = Counter(), Counter(), Counter()
         pending: list[dict] = []
 
@@ -311,27 +331,26 @@ class TokenizeStage(PipelineStep):
                 stats["tokens"] += len(ids)
             pending.clear()
 
-        with _progress("tokenize", rank) as bar:
+        with (ShardWriter(out / "tokens", f"{rank:05d}") as shard,
+              _jsonl_gz(out / "documents" / f"{rank:05d}.jsonl.gz") as write_doc,
+              _jsonl_gz(out / "rejected" / f"dedup-{rank:05d}.jsonl.gz") as reject, _progress("tokenize", rank) as bar):
             for doc in _read_jsonl_gz(src):
                 bar.update()
                 rule = remove.get(str(doc["index"]))
                 if rule:
                     dropped[rule] += 1
-                    rejected.write({"path": doc["path"], "id": doc["id"], "rule": rule,
-                                    "language": doc["language"], "stage": "dedup"})
+                    reject({"path": doc["path"], "id": doc["id"], "rule": rule, "language": doc["language"],
+                            "stage": "dedup"})
                     continue
                 languages[doc["language"]] += 1
                 stats["documents_kept"] += 1
                 stats["bytes_kept"] += len(doc["text"].encode("utf-8"))
-                docs_out.write({k: doc[k] for k in ("id", "path", "language", "text")})
+                write_doc({k: doc[k] for k in ("id", "path", "language", "text")})
                 pending.append(doc)
                 if len(pending) >= self.batch:
                     flush()
             flush()
-        shard.close()
-        docs_out.close()
-        rejected.close()
-        _write_json(out / "_work" / "stats" / f"tokenize-{rank:05d}.json",
+        write_json(out / "_work" / "stats" / f"tokenize-{rank:05d}.json",
                     {**stats, "languages": languages, "dropped": dropped})
         return
         yield
@@ -351,7 +370,7 @@ class ReportStage(PipelineStep):
         manifest = merge_stats(out)
         manifest["tokenizer"] = "tokenizer"
         manifest["vocab_size"] = _vocab_size(out / "tokenizer")
-        _write_json(out / "manifest.json", manifest)
+        write_json(out / "manifest.json", manifest)
         plot_stats(manifest, out / "data_stats.png")
         return
         yield
@@ -367,7 +386,7 @@ def _vocab_size(tokenizer_dir: Path) -> int | None:
 def merge_stats(out: Path) -> dict[str, Any]:
     totals, dropped, languages = Counter(), Counter(), Counter()
     for f in sorted((out / "_work" / "stats").glob("*.json")):
-        s = json.loads(f.read_text())
+        s = _read_json(f)
         dropped.update(s.pop("dropped", {}))
         languages.update(s.pop("languages", {}))
         totals.update(s)
@@ -394,10 +413,9 @@ def plot_stats(manifest: dict, path: Path, top: int = 20) -> None:
     ax2.set_title(f"dropped files by rule ({manifest['documents_in'] - manifest['documents_kept']} "
                   f"of {manifest['documents_in']})")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----- running ---------------------------------------------------------------------------------------------------
@@ -438,39 +456,76 @@ def make_executors(config: BuildConfig, executor: str = "local", workers: int = 
     return executors
 
 
-def prepare(config: BuildConfig) -> None:
-    """Check the output folder: a new build, or the same build resumed."""
+def prepare(config: BuildConfig) -> list[dict[str, Any]]:
+    """Check the output folder (a new build, or the same build resumed from unchanged sources) and scan the
+    sources; returns the scan (also kept as ``OUT/_work/sources.json``)."""
     out = Path(config.out)
-    record = out / "build.json"
+    if out.exists() and not out.is_dir():
+        raise DscoderError(f"{out}: exists and is not a folder; choose another --out")
+    for source in map(Path, config.sources):
+        if source.is_dir() and (out == source or source in out.parents):
+            raise DscoderError(f"{out}: is inside the source folder {source}; choose an --out outside it")
+    record, state = out / "build.json", out / "_work" / "sources.json"
     mine = asdict(config)
     if record.exists():
-        theirs = json.loads(record.read_text())
+        theirs = _read_json(record)
+        if not isinstance(theirs, dict):
+            raise DscoderError(f"{record}: not a build record (expected a JSON object); delete the folder to rebuild")
         if theirs != mine:
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise DscoderError(f"{out}: holds a build with other settings ({', '.join(changed)}); "
                                "choose another --out or delete it")
+        if state.exists():  # resuming: the finished tasks' work is only valid for the sources they read
+            scanned = _read_json(state)
+            changed = changed_sources(scanned)
+            if changed:
+                raise DscoderError(f"{out}: its sources changed since this build started ({', '.join(changed)}); "
+                                   "resuming would mix old and new files: use a fresh --out (or delete this one)")
+            return scanned
     elif out.exists() and any(out.iterdir()):
         raise DscoderError(f"{out}: exists and is not a dscoder build; choose another --out")
-    _write_json(record, mine)
+    scanned = scan_sources(config.sources)
+    write_json(state, scanned)  # before build.json: a build.json always has its scan beside it
+    write_json(record, mine)
+    return scanned
 
 
 def build(config: BuildConfig, executor: str = "local", workers: int = -1,
           slurm: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Run (or resume) a build; returns the manifest when the stages ran here (local), else None."""
+    config.validate()
+    if isinstance(workers, bool) or not isinstance(workers, int) or not (workers == -1 or workers >= 1):
+        raise ConfigError(f"workers must be -1 (all cores) or an integer >= 1, got {workers!r}")
     if config.tokenizer:
         from dscoder.tokenizer import Tokenizer
 
         Tokenizer.load(config.tokenizer)  # a bad tokenizer fails now, not after the filter stage
-    if config.mbpp and not Path(config.mbpp).is_file():
-        raise DscoderError(f"{config.mbpp}: MBPP file not found")
+    if config.mbpp:
+        from dscoder.data.decontam import mbpp_items
+
+        mbpp_items(config.mbpp)  # a bad MBPP file fails now, not in every filter task
     prepare(config)
     executors = make_executors(config, executor, workers, slurm)
     if executor == "local":
+        from dscoder.data import lifetime
+
+        lifetime.install()  # workers die with this process, even when it is killed with SIGKILL
         for name, ex in zip(STAGES, executors):
-            ex.run()
+            try:
+                ex.run()
+            except DscoderError:
+                raise
+            except Exception as e:  # a task's own error; datatrove logged its traceback
+                raise DscoderError(f"stage '{name}' failed ({type(e).__name__}: {_one_line(e)}); "
+                                   f"see {config.out}/logs/{name}/logs") from None
             missing = ex.get_incomplete_ranks(skip_completed=True)
             if missing:
                 raise DscoderError(f"stage '{name}': tasks {missing} did not finish; see {config.out}/logs/{name}")
-        return json.loads((Path(config.out) / "manifest.json").read_text())
+        return _read_json(Path(config.out) / "manifest.json")
     executors[-1].run()  # launches the chain through `depends`
     return None
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

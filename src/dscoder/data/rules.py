@@ -67,7 +67,34 @@ class RuleConfig:
                     values[key] = type(default)(raw)
             except ValueError:
                 raise ConfigError(f"data rule '{key}' = {raw!r}: expected {type(default).__name__}") from None
-        return cls(**values)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Counts and lengths must be >= 0 and fractions in [0, 1]: one :class:`ConfigError` naming the rule."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            default = getattr(RuleConfig(), f.name)
+            if isinstance(default, bool):
+                ok, expected = isinstance(value, bool), "true or false"
+            elif isinstance(default, list):
+                ok, expected = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
+            elif f.name in FRACTION_RULES:
+                ok, expected = _number(value) and 0.0 <= value <= 1.0, "a number in [0, 1]"
+            elif isinstance(default, int):
+                ok, expected = _number(value) and isinstance(value, int) and value >= 0, "an integer >= 0"
+            else:
+                ok, expected = _number(value) and 0.0 <= value < float("inf"), "a number >= 0"
+            if not ok:
+                raise ConfigError(f"data rule '{f.name}' = {value!r}: expected {expected}")
+
+
+FRACTION_RULES = frozenset({"min_alpha_fraction", "html_min_visible_fraction", "encoded_max_fraction"})
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def visible_html_text(html: str) -> str:

@@ -8,25 +8,29 @@ is complete.
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dscoder.errors import DscoderError
+from dscoder.io import atomic_write
 
 TOKEN_DTYPE = np.dtype("<u4")
 
 
 class ShardWriter:
+    """Writes one shard through :func:`dscoder.io.atomic_write`: the index appears first, then the ``.bin``, so a
+    ``.bin`` that exists is complete and has its index. Used as a context manager, an error discards the shard."""
+
     def __init__(self, directory: str | Path, name: str):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.name = name
-        self._bin_tmp = self.directory / f"{name}.bin.tmp"
-        self._file = open(self._bin_tmp, "wb")
+        self._files = contextlib.ExitStack()
+        self._file = self._files.enter_context(atomic_write(self.directory / f"{name}.bin", "wb"))
         self._offsets = [0]
+        self._closed = False
 
     def add(self, ids: Sequence[int] | np.ndarray) -> None:
         arr = np.asarray(ids, dtype=TOKEN_DTYPE)
@@ -43,18 +47,21 @@ class ShardWriter:
 
     def close(self) -> tuple[int, int]:
         """Finish the shard; returns ``(n_docs, n_tokens)``."""
-        self._file.close()
-        idx_tmp = self.directory / f"{self.name}.idx.tmp.npy"
-        np.save(idx_tmp, np.asarray(self._offsets, dtype=np.int64))
-        os.replace(idx_tmp, self.directory / f"{self.name}.idx.npy")
-        os.replace(self._bin_tmp, self.directory / f"{self.name}.bin")
+        if not self._closed:
+            with atomic_write(self.directory / f"{self.name}.idx.npy", "wb") as f:
+                np.save(f, np.asarray(self._offsets, dtype=np.int64))
+            self._closed = True
+            self._files.close()
         return self.n_docs, self.n_tokens
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        if not self._file.closed:
+    def __exit__(self, kind, error, tb) -> None:
+        if error is not None and not self._closed:
+            self._closed = True
+            self._files.__exit__(kind, error, tb)  # the partial .bin is removed, nothing is renamed
+        else:
             self.close()
 
 
