@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dscoder
+from conftest import tiny_model
 from dscoder import MLACache, ModelConfig
 
 CONFIGS = {
@@ -16,12 +16,7 @@ CONFIGS = {
 
 
 def _model(config):
-    model = dscoder.build_model(config, seed=0).eval()
-    with torch.no_grad():  # weights big enough for O(1) logits
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model
+    return tiny_model(config)  # weights big enough for O(1) logits
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
+
+import pytest
 
 import dscoder
 from dscoder.cli import main
@@ -39,3 +45,74 @@ def test_unknown_source_is_one_line_error(capsys):
     assert main(["model", "info", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dscoder: error: no-such-model") and err.count("\n") == 1
+
+
+def test_the_package_imports_without_circles():
+    """Every module imports alone (in a fresh package state); ``import dscoder`` does not pull in the engine,
+    which builds on the model package rather than on ``dscoder/__init__``."""
+    code = """
+import importlib, pkgutil, sys
+import dscoder
+assert "dscoder.engine" not in sys.modules, "import dscoder imported the engine"
+names = sorted(m.name for m in pkgutil.walk_packages(dscoder.__path__, "dscoder."))
+failed = []
+for name in names:
+    for key in [k for k in sys.modules if k == "dscoder" or k.startswith("dscoder.")]:
+        del sys.modules[key]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed.append(f"import {name}: {type(e).__name__}: {e}")
+assert not failed, "\\n".join(failed)
+import dscoder
+assert dscoder.Engine is importlib.import_module("dscoder.engine.engine").Engine
+print(len(names))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout) > 40
+
+
+def test_recipes_by_file_or_packaged_name(tmp_path, monkeypatch):
+    from dscoder.errors import ConfigError
+    from dscoder.recipes import recipe_names, recipe_path
+    from dscoder.train.config import TrainConfig
+
+    packaged = Path(dscoder.__file__).parent / "configs"
+    assert {"tiny", "tiny-long-context", "coder-v2-lite", "coder-v2", "sft-tiny", "reward-tiny",
+            "grpo-tiny"} <= set(recipe_names())
+    mine = tmp_path / "tiny.toml"
+    mine.write_text("# my own recipe\n")
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: README's paths and bare names find the packaged ones
+    assert recipe_path("tiny.toml").resolve() == mine  # a file that exists is taken as given
+    assert recipe_path("tiny") == recipe_path("configs/tiny.toml") == packaged / "tiny.toml"
+    assert TrainConfig.load("tiny").train.steps == TrainConfig.load(packaged / "tiny.toml").train.steps
+    with pytest.raises(ConfigError, match="no-such: config file not found .packaged recipes: coder-v2, "):
+        recipe_path("no-such")
+    with pytest.raises(ConfigError, match="elsewhere/tiny.toml: config file not found"):
+        recipe_path("elsewhere/tiny.toml")  # only a bare name or configs/NAME means a packaged recipe
+    with pytest.raises(ConfigError, match="not a recipe file"):
+        recipe_path(tmp_path)
+
+
+def test_recipes_ship_in_the_wheel_and_resolve_when_installed(tmp_path):
+    """Built as a wheel and put on a path with no checkout nearby, ``--config tiny`` still finds its recipe."""
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "project"
+    shutil.copytree(repo / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
+                           "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next((tmp_path / "dist").glob("dscoder-*.whl"))) as wheel:
+        assert "dscoder/configs/tiny.toml" in wheel.namelist()
+        wheel.extractall(site)
+    code = ("import dscoder.recipes as r; from dscoder.train.config import TrainConfig; "
+            "print(r.recipe_path('tiny')); TrainConfig.load('tiny')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert Path(run.stdout.strip()) == site / "dscoder" / "configs" / "tiny.toml"

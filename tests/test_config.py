@@ -125,3 +125,42 @@ def test_layer_kinds_follow_first_k_dense_and_freq():
     assert [cfg.is_moe_layer(i) for i in range(6)] == [False, False, True, False, True, False]
     model = dscoder.build_model(cfg, device="meta")
     assert [layer.is_moe for layer in model.model.layers] == [False, False, True, False, True, False]
+
+
+def test_with_rope_factor_is_the_one_yarn_change():
+    """The config rule (factor and context), and the model following it through a trainer's layer wrappers."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from dscoder.model.attention import MLA
+
+    cfg = ModelConfig.preset("tiny")
+    longer = cfg.with_rope_factor(16)
+    assert longer.rope_scaling == {**cfg.rope_scaling, "factor": 16} and longer.max_position_embeddings == 16 * 256
+    assert cfg.rope_scaling["factor"] == 4 and cfg.max_position_embeddings == 1024  # a new config, not a change
+    assert longer.softmax_scale > cfg.softmax_scale  # the YaRN temperature grows with the factor
+    model = dscoder.build_model(cfg, seed=0)
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)  # as training's activation checkpointing wraps them
+    model.set_rope_factor(16)
+    fresh = dscoder.build_model(longer, seed=0)
+    assert model.config == longer
+    assert torch.equal(model.model.rotary.inv_freq, fresh.model.rotary.inv_freq)
+    assert model.model.rotary.magnitude == fresh.model.rotary.magnitude
+    scales = [m.softmax_scale for m in model.modules() if isinstance(m, MLA)]
+    assert len(scales) == cfg.num_hidden_layers and set(scales) == {longer.softmax_scale}
+    with pytest.raises(ConfigError, match="needs a model with YaRN"):
+        cfg.replace(rope_scaling=None).with_rope_factor(2)
+    with pytest.raises(ConfigError, match="expected a positive number"):
+        cfg.with_rope_factor(0)
+
+
+def test_model_code_names_no_training_wrappers():
+    """Unwrapping DDP / FSDP / torch.compile / activation checkpointing belongs to train/, not to the model."""
+    from pathlib import Path
+
+    model_dir = Path(dscoder.__file__).parent / "model"
+    for path in sorted(model_dir.glob("*.py")):
+        text = path.read_text()
+        for name in ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module", ".module."):
+            assert name not in text, f"{path.name} names the wrapper attribute {name}"

@@ -15,31 +15,13 @@ from dscoder.engine import Engine, SamplingParams, Scheduler, Sequence
 from dscoder.engine.cli import register
 from dscoder.engine.sampling import Needs, RowParams, apply_repetition_penalty, sample
 from dscoder.errors import DscoderError
-from dscoder.tokenizer import Tokenizer
 
-WORDS = ["def", "return", "import", "class", "self", "for", "in", "range", "print", "if", "else", "while", "x", "y"]
 PROMPTS = ["def f(x):", "import os\nclass A(object):\n    def run(self", "x"]
 
 
-def make_checkpoint(path):
-    """The tiny preset (vocabulary cut to the tokenizer's), weights scaled for O(1) logits, and a trained BPE."""
-    texts = [f"def f{i}(x):\n    return x * {i} + {WORDS[i % len(WORDS)]}\n" for i in range(300)]
-    tok = Tokenizer.train(texts, vocab_size=400)
-    config = dscoder.ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size)
-    model = dscoder.build_model(config, seed=0)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-    dscoder.save_model(model, path)
-    tok.save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("engine_ckpt"))
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +61,13 @@ def test_batched_different_lengths_equal_one_by_one(engine):
 
 def _run(scheduler, seqs_by_step):
     """Step ``scheduler``; before step k add the sequences of ``seqs_by_step[k]``."""
-    k = 0
-    while scheduler.has_work() or k < len(seqs_by_step):
+    for k in range(1000):  # bounded: a scheduler that never finishes fails the test instead of hanging it
+        if not (scheduler.has_work() or k < len(seqs_by_step)):
+            return
         for s in seqs_by_step[k] if k < len(seqs_by_step) else ():
             scheduler.add(s)
         scheduler.step()
-        k += 1
+    raise AssertionError("the scheduler still has work after 1000 steps")
 
 
 def test_continuous_batching_join_midway_equals_alone(engine):
@@ -237,7 +220,9 @@ def test_callers_drive_on_their_own_thread_background_requests_on_the_loop(engin
     loop = threading.Thread(target=engine.run_loop, args=(stop,))
     loop.start()
     try:
-        time.sleep(0.05)
+        deadline = time.monotonic() + 10  # until the thread has claimed the loop (bounded, not a fixed sleep)
+        while not engine._loop_running and time.monotonic() < deadline:
+            time.sleep(0.01)
         with pytest.raises(DscoderError, match="already running"):
             engine.run_loop(stop)
         bg = engine.submit(ids, params, on_update=lambda *a: seen.append(threading.get_ident()), background=True)
@@ -279,11 +264,13 @@ def test_close_ends_a_generate_running_on_another_thread(ckpt):
 def test_compiled_decode_matches_eager(ckpt, engine, capsys):
     """``compile=True``: torch.compile'd decode steps (the direct expert path) give the eager engine's tokens."""
     want = engine.generate(PROMPTS, max_tokens=10, ignore_eos=True)
+    dynamo_before = torch._dynamo.config.get_config_copy()
     with Engine(ckpt, max_batch_size=4, max_len=128, compile=True) as e:
         e.warmup()  # compiles the graphs of buckets 1, 2 and 4
         got = e.generate(PROMPTS, max_tokens=10, ignore_eos=True, logprobs=0)
         assert e.generate(PROMPTS[1], max_tokens=10, ignore_eos=True).token_ids == want[1].token_ids
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert torch._dynamo.config.get_config_copy() == dynamo_before  # compiling left no global setting changed
     capsys.readouterr()
     assert _cli(["generate", "--model", str(ckpt), "--compile", "--max-tokens", "10", "--ignore-eos", PROMPTS[1]]) == 0
     assert capsys.readouterr().out == want[1].text + "\n"
@@ -340,6 +327,59 @@ def test_prefix_cache_stays_within_its_budget():
     assert m == 8 and torch.equal(got, entries[:, :8])
     with pytest.raises(DscoderError, match="prefix_cache_mb"):
         Engine("tiny", prefix_cache_mb=-1)
+
+
+def test_engine_construction_leaves_dynamo_config_alone(ckpt):
+    """Only compiled decode steps raise dynamo's recompile limit (to a graph per bucket), and only while they run."""
+    import torch._dynamo.config as dynamo_config
+
+    before = dynamo_config.get_config_copy()
+    for compile in (False, True):
+        with Engine(ckpt, max_batch_size=64, max_len=64, compile=compile):
+            assert dynamo_config.get_config_copy() == before
+    model = dscoder.load_model(ckpt)
+    seen = []
+
+    def decode(*args, **kwargs):
+        seen.append(dynamo_config.recompile_limit)
+        return model(*args, **kwargs)
+
+    scheduler = Scheduler(model, max_batch=64, max_len=64, decode_fn=decode)
+    assert scheduler.buckets == [1, 2, 4, 8, 16, 32, 64]
+    seq = Sequence([3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True), 64, None)
+    _run(scheduler, [[seq]])
+    assert seq.token_ids and seen and set(seen) == {len(scheduler.buckets) + 2} != {before["recompile_limit"]}
+    assert dynamo_config.get_config_copy() == before
+
+
+def test_engine_honours_device(ckpt, capsys):
+    """The model and the cache go where ``device`` says; a device that cannot be used is one clear line."""
+    model = dscoder.load_model(ckpt)
+    with Engine(model, device="cpu", max_len=64) as e:
+        assert e.model is model and e.scheduler.cache.kv.device.type == "cpu"
+    meta = dscoder.build_model(model.config, device="meta")
+    with pytest.raises(DscoderError, match="the model is on the meta device"):
+        Engine(meta, device="cpu")
+    with pytest.raises(DscoderError, match="not a device name"):
+        Engine(model, device="gpu0")
+    with pytest.raises(DscoderError, match="device 'meta': an engine needs a device that holds weights"):
+        Engine(ckpt, device="meta")
+    if not torch.cuda.is_available():  # the device is read, not ignored: a CPU-only machine refuses cuda
+        with pytest.raises(DscoderError, match="CUDA is not available"):
+            Engine(model, device="cuda")
+    assert _cli(["generate", "--model", str(ckpt), "--device", "gpu0", "x"]) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "not a device name" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_moves_a_cpu_model_to_cuda(ckpt, engine):
+    want = engine.generate(PROMPTS, max_tokens=6, ignore_eos=True)
+    model = dscoder.load_model(ckpt)
+    with Engine(model, device="cuda", max_batch_size=4, max_len=128) as e:
+        assert next(model.parameters()).device.type == "cuda" and e.scheduler.cache.kv.device.type == "cuda"
+        got = e.generate(PROMPTS, max_tokens=6, ignore_eos=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
 def test_bfloat16_engine(ckpt):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from dscoder import ModelConfig
+from conftest import tiny_config, tiny_model
 from dscoder.model import moe as moe_mod
 from dscoder.model.moe import Gate, MoE, RoutedExperts, balance_loss
 
 
-def _cfg(**kw):
-    return ModelConfig.preset("tiny").replace(**kw)
+_cfg = tiny_config
 
 
 def _experts(cfg, seed=0):
@@ -65,12 +64,19 @@ def test_direct_path_matches_reference():
         torch.testing.assert_close(ex.forward_direct(x, w, e), ex.forward_reference(x, w, e), rtol=1e-5, atol=1e-5)
 
 
-def test_gathered_mm_chunks_agree():
+def test_gathered_mm_chunks_agree(monkeypatch):
+    """50 slots in chunks of 7 (the last one ragged) give the unchunked product."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(50, 8, generator=g), torch.randn(4, 8, 6, generator=g)
     idx = torch.randint(0, 4, (50,), generator=g)
     expected = torch.einsum("si,sio->so", x, w[idx])
-    assert torch.allclose(moe_mod._gathered_mm(x, w, idx), expected, atol=1e-5)
+    monkeypatch.setattr(moe_mod, "GATHER_CHUNK_BYTES", 7 * 8 * 6 * 4)  # 7 slots' fp32 [8, 6] matrices
+    chunks = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: chunks.append(a.shape[0]) or bmm(a, b))
+    got = moe_mod._gathered_mm(x, w, idx)
+    assert chunks == [7] * 7 + [1]
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_group_limited_routing_stays_in_top_groups():
@@ -143,7 +149,36 @@ def test_balance_loss_batch_level_and_training_only():
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 5, 64)
-    assert layer.eval()(x)[1] is None
-    aux = layer.train()(x)[1]
+    assert layer.eval()(x)[1:] == (None, None)
+    _, aux, counts = layer.train()(x)
     assert aux is not None and aux.requires_grad
+    assert counts.shape == (8,) and counts.sum() == 2 * 5 * 2
     assert balance_loss(_cfg(aux_loss_alpha=0.0), scores, experts) is None
+
+
+def test_expert_load_is_returned_not_kept_on_the_modules():
+    """A training forward returns each MoE layer's tokens per expert; no module keeps them as state."""
+    model = tiny_model().train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    out = model(ids)
+    n_moe = sum(model.config.is_moe_layer(i) for i in range(model.config.num_hidden_layers))
+    assert out.expert_counts.shape == (n_moe, model.config.n_routed_experts)
+    assert out.expert_counts.sum(-1).tolist() == [2 * 7 * model.config.num_experts_per_tok] * n_moe
+    first_moe = model.model.layers[1]
+    x_ND = first_moe.post_attention_layernorm(_after_attention(model, ids)).flatten(0, 1)
+    experts_NK = first_moe.mlp.gate(x_ND)[1]  # its routing, recomputed
+    want = torch.bincount(experts_NK.flatten(), minlength=model.config.n_routed_experts).float()
+    assert torch.equal(out.expert_counts[0], want)
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == before
+    assert model.eval()(ids).expert_counts is None
+
+
+def _after_attention(model, ids):
+    """The residual stream of the first MoE layer after its attention (the input of its MLP's norm)."""
+    T = ids.shape[1]
+    cos, sin = model.model.rotary(torch.arange(T).expand(ids.shape[0], T))
+    h = model.model.embed_tokens(ids)
+    h, _, _ = model.model.layers[0](h, cos, sin, None, None, 0)
+    layer = model.model.layers[1]
+    return h + layer.self_attn(layer.input_layernorm(h), cos, sin, None, None, 0)

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
 import sysconfig
 from pathlib import Path
 
 import pytest
 
 import dscoder
+from conftest import tiny_config
 from dscoder.cli import main
+from dscoder.data.sources import default_sources, iter_documents
 from dscoder.errors import DscoderError
 from dscoder.quickstart import held_out_files, perplexity, quickstart
 from dscoder.tokenizer import Tokenizer
 
 
 def test_held_out_files_are_outside_the_corpus():
+    """No held-out file's bytes are among the documents the data stage reads (checked against those documents, so a
+    held-out choice or a corpus walk that lets one in fails here)."""
     files = held_out_files()
-    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    assert len(files) >= 10
-    assert not any(stdlib in p.resolve().parents and "site-packages" not in p.parts for p in files)
+    assert len(files) >= 10 and len({f.read_bytes() for f in files}) == len(files)
+    corpus = {hashlib.sha256(d.content).digest() for d in iter_documents(default_sources())
+              if isinstance(d.content, bytes)}
+    assert len(corpus) > 1000  # the standard library was read
+    leaked = [f for f in files if hashlib.sha256(f.read_bytes()).digest() in corpus]
+    assert not leaked
+    stdlib_file = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"  # the check sees a file that is in it
+    assert hashlib.sha256(stdlib_file.read_bytes()).digest() in corpus
 
 
 def test_perplexity_of_a_random_model_is_about_the_vocabulary(tmp_path):
     files = held_out_files()[:3]
     tok = Tokenizer.train([f.read_text() for f in held_out_files()], vocab_size=300)
-    model = dscoder.build_model(dscoder.ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size), seed=0)
+    model = dscoder.build_model(tiny_config(vocab_size=tok.vocab_size), seed=0)
     dscoder.save_model(model, tmp_path)
     tok.save(tmp_path)
     ppl = perplexity(tmp_path, files, seq_len=64)
@@ -38,3 +48,14 @@ def test_bad_arguments_and_missing_stages(tmp_path, capsys):
         quickstart(tmp_path, stage="pretrain")
     assert main(["quickstart", "--out", str(tmp_path), "--stage", "eval"]) == 2
     assert "run the 'export' stage first" in capsys.readouterr().err
+    with pytest.raises(DscoderError, match="--mbpp .*nowhere.jsonl: no such file"):
+        quickstart(tmp_path, mbpp=tmp_path / "nowhere.jsonl")
+
+
+def test_quickstart_reads_nothing_outside_the_package():
+    """The recipe comes from package data and no path outside the project is spelled in the code."""
+    import dscoder.quickstart as qs
+
+    source = Path(qs.__file__).read_text()
+    assert '"shared"' not in source and "../shared" not in source and "parents[" not in source
+    assert (Path(dscoder.__file__).parent / "configs" / "tiny.toml").is_file()

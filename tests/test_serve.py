@@ -17,7 +17,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from dscoder.engine import Engine  # noqa: E402
 from dscoder.serve import Limits, create_app  # noqa: E402
-from test_engine import make_checkpoint  # noqa: E402
+from conftest import make_checkpoint  # noqa: E402
 
 KEY = "test-key"
 NAME = "tiny-coder"

@@ -10,58 +10,22 @@ The small public API::
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from dscoder.config import PRESETS, ModelConfig
+from dscoder.config import ModelConfig
 from dscoder.errors import CheckpointError, ConfigError, DscoderError
 from dscoder.model import DeepseekV2, MLACache, ModelOutput
-from dscoder.model.checkpoint import load_checkpoint, parse_dtype, save_checkpoint
+from dscoder.model.build import build_model, load_model, save_model
 
 __version__ = "0.1.0"
 
-
-def build_model(config: ModelConfig, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-                seed: int | None = None) -> DeepseekV2:
-    """A randomly initialised model (``device="meta"`` builds it without memory, for counting)."""
-    dtype = parse_dtype(dtype) or torch.float32
-    with torch.device(device):
-        model = DeepseekV2(config)
-    if str(device) != "meta":
-        if seed is not None:
-            torch.manual_seed(seed)
-        model.init_weights()
-    return model.to(dtype)
-
-
-def load_model(source: str | Path | ModelConfig, dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu", seed: int | None = 0) -> DeepseekV2:
-    """A preset name (random weights), a ``ModelConfig``, or an HF checkpoint directory, in eval mode."""
-    return _load(source, dtype, device, seed).eval()
-
-
-def _load(source, dtype, device, seed) -> DeepseekV2:
-    if isinstance(source, ModelConfig):
-        return build_model(source, dtype, device, seed)
-    if isinstance(source, str) and source in PRESETS:
-        return build_model(ModelConfig.preset(source), dtype, device, seed)
-    path = Path(source)
-    if not path.exists():
-        raise DscoderError(f"{source}: no such checkpoint directory or preset (presets: {', '.join(PRESETS)})")
-    if str(device) == "meta":
-        return build_model(ModelConfig.from_json_file(path / "config.json"), dtype, "meta")
-    return load_checkpoint(path, dtype=dtype, device=device)
-
-
-def save_model(model: DeepseekV2, directory: str | Path, dtype: torch.dtype | str | None = None,
-               max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write ``model`` as an HF checkpoint directory (hub key layout, sharded safetensors)."""
-    return save_checkpoint(model, directory, dtype=dtype, max_shard_bytes=max_shard_bytes)
-
-
-from dscoder.engine import Engine  # noqa: E402  (last: the engine builds on load_model above)
-
 __all__ = ["CheckpointError", "ConfigError", "DeepseekV2", "DscoderError", "Engine", "MLACache", "ModelConfig",
-           "ModelOutput",
-           "build_model", "load_model", "save_model"]
+           "ModelOutput", "build_model", "load_model", "save_model"]
+
+
+def __getattr__(name: str):
+    # The engine is imported on first use: it builds on the model package, never the other way round, and
+    # `import dscoder` stays light for code that only needs the model.
+    if name == "Engine":
+        from dscoder.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'dscoder' has no attribute {name!r}")

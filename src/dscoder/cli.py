@@ -197,7 +197,7 @@ def eval_task(args: argparse.Namespace) -> int:
 def run_quickstart(args: argparse.Namespace) -> int:
     from dscoder.quickstart import quickstart
 
-    out = quickstart(args.out, minutes=args.minutes, stage=args.stage)
+    out = quickstart(args.out, minutes=args.minutes, stage=args.stage, mbpp=args.mbpp)
     print(f"quickstart: everything is in {out}/ (report: {out}/report.md)")
     return 0
 
@@ -267,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="pre-training / long-context extension (one process or torchrun)",
         description="Next-token + FIM pre-training with the MoE balance loss, AdamW (0.9, 0.95), warmup + cosine "
                     "to 10%. Run under `torchrun --nproc_per_node=N` for DDP or FSDP2 (parallel.strategy).")
-    pt.add_argument("--config", required=True, help="a TOML recipe, e.g. configs/tiny.toml")
+    pt.add_argument("--config", required=True,
+                    help="a TOML recipe file, e.g. configs/tiny.toml, or a packaged recipe's name: tiny, "
+                         "tiny-long-context, coder-v2-lite, coder-v2")
     pt.add_argument("--out", required=True, help="run directory (metrics.jsonl, loss.png, checkpoints/)")
     pt.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -328,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--minutes", type=float, default=12.0, help="time budget; most goes to pre-training (12)")
     qs.add_argument("--stage", choices=["data", "pretrain", "export", "eval", "report"],
                     help="rerun just this stage (its old output is replaced)")
+    qs.add_argument("--mbpp", metavar="FILE",
+                    help="MBPP's mbpp.jsonl: decontaminate the corpus against MBPP too (HumanEval always)")
     qs.set_defaults(func=run_quickstart)
 
     from dscoder.engine.cli import register as register_engine

@@ -242,6 +242,19 @@ class ModelConfig:
             changes["num_key_value_heads"] = changes["num_attention_heads"]  # MLA: always equal
         return dataclasses.replace(self, **changes)
 
+    def with_rope_factor(self, factor: float) -> ModelConfig:
+        """This config with the YaRN ``factor`` changed (long-context extension) and the context it implies,
+        ``max_position_embeddings = factor * original_max_position_embeddings``. The one place that rule lives:
+        the model's :meth:`~dscoder.model.DeepseekV2.set_rope_factor` and the training stages both use it."""
+        yarn = self.yarn
+        if yarn is None:
+            raise ConfigError("a rope factor change needs a model with YaRN rope_scaling "
+                              f"(this one has {self.rope_scaling['type'] if self.rope_scaling else 'plain'} rope)")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ConfigError(f"rope factor {factor!r}: expected a positive number")
+        return self.replace(rope_scaling={**yarn, "factor": factor},
+                            max_position_embeddings=int(factor * yarn["original_max_position_embeddings"]))
+
     # ----- presets -------------------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> ModelConfig:

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from dscoder.errors import DscoderError
+from dscoder.io import write_json, write_text
+from dscoder.recipes import recipe_path
 
 STAGES = ("data", "pretrain", "export", "eval", "report")
-ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 4096
 SEQ_LEN, BATCH = 256, 8
 COMPLETION_PROMPT = "def fibonacci(n):\n    "
@@ -39,7 +40,7 @@ def _done(path: Path) -> bool:
     return path.exists()
 
 
-def stage_data(out: Path) -> dict[str, Any]:
+def stage_data(out: Path, mbpp: str | Path | None = None) -> dict[str, Any]:
     from dscoder.data.pipeline import BuildConfig, build
     from dscoder.data.sources import default_sources
 
@@ -47,9 +48,8 @@ def stage_data(out: Path) -> dict[str, Any]:
     if _done(manifest):
         _log("data: done already")
         return json.loads(manifest.read_text())
-    mbpp = ROOT.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
     config = BuildConfig(sources=[str(p) for p in default_sources()], out=str(out / "data"), vocab_size=VOCAB,
-                         mbpp=str(mbpp) if mbpp.exists() else None, tasks=4)
+                         mbpp=str(mbpp) if mbpp is not None else None, tasks=4)
     _log(f"data: building a corpus from {config.sources[0]} (decontaminated against HumanEval"
          f"{' and MBPP' if config.mbpp else ''})")
     return build(config)
@@ -62,7 +62,7 @@ def _steps_for(seconds: float, data_dir: Path) -> int:
 
     calib = data_dir.parent / "_calibrate"
     shutil.rmtree(calib, ignore_errors=True)
-    config = TrainConfig.load(ROOT / "configs" / "tiny.toml", [f"data.path={data_dir}", "train.steps=6",
+    config = TrainConfig.load(recipe_path("tiny"), [f"data.path={data_dir}", "train.steps=6",
                                                                  "train.ckpt_every=6", f"data.seq_len={SEQ_LEN}",
                                                                  f"train.micro_batch={BATCH}"])
     pretrain(config, calib)
@@ -84,7 +84,7 @@ def stage_pretrain(out: Path, seconds: float) -> dict[str, Any]:
     else:
         steps = _steps_for(seconds, out / "data")
         run.mkdir(parents=True, exist_ok=True)
-        plan.write_text(json.dumps({"steps": steps, "budget_s": seconds}))
+        write_json(plan, {"steps": steps, "budget_s": seconds})
     found = checkpoints(run)
     last = int(found[-1].name.split("-")[1]) if found else 0
     if last >= steps:
@@ -92,7 +92,7 @@ def stage_pretrain(out: Path, seconds: float) -> dict[str, Any]:
         return {"steps": steps}
     _log(f"pretrain: the tiny model for {steps} steps (about {seconds / 60:.0f} min), next-token + FIM"
          + (f", resuming at step {last}" if last else ""))
-    config = TrainConfig.load(ROOT / "configs" / "tiny.toml", [
+    config = TrainConfig.load(recipe_path("tiny"), [
         f"data.path={out / 'data'}", f"train.steps={steps}", f"data.seq_len={SEQ_LEN}", f"train.micro_batch={BATCH}",
         f"train.warmup_steps={max(10, steps // 20)}", f"train.ckpt_every={max(25, steps // 8)}"])
     pretrain(config, run, resume=bool(found))
@@ -165,7 +165,7 @@ def stage_eval(out: Path) -> dict[str, Any]:
     scores["heldout_perplexity"] = perplexity(model, files)
     scores["heldout_files"] = len(files)
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(scores, indent=2))
+    write_json(results, scores)
     return scores
 
 
@@ -234,7 +234,7 @@ Infill (the model wrote what is between the prefix `{INFILL[0].splitlines()[-1].
 {INFILL[0]}{texts['infill']}{INFILL[1]}```
 """
     path = out / "report.md"
-    path.write_text(report)
+    write_text(path, report)
     return path
 
 
@@ -247,13 +247,17 @@ def _need(path: Path, stage: str) -> None:
         raise DscoderError(f"{path} is missing: run the '{stage}' stage first (or the whole quickstart)")
 
 
-def quickstart(out: str | Path = "runs/quickstart", minutes: float = 12.0, stage: str | None = None) -> Path:
+def quickstart(out: str | Path = "runs/quickstart", minutes: float = 12.0, stage: str | None = None,
+               mbpp: str | Path | None = None) -> Path:
     """Run (or resume) the quickstart into ``out``; ``minutes`` is the whole budget, most of it pre-training.
-    ``stage`` reruns just that stage (its old output is removed; earlier stages must be done)."""
+    ``stage`` reruns just that stage (its old output is removed; earlier stages must be done). ``mbpp``: an MBPP
+    jsonl to decontaminate the corpus against as well as HumanEval (the data stage)."""
     if minutes < 3:
         raise DscoderError("--minutes must be at least 3 (data and evaluation alone take about 2)")
     if stage is not None and stage not in STAGES:
         raise DscoderError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    if mbpp is not None and not Path(mbpp).is_file():
+        raise DscoderError(f"--mbpp {mbpp}: no such file (expected MBPP's mbpp.jsonl)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if stage is not None:
@@ -266,7 +270,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 12.0, stage
     for name in ([stage] if stage else STAGES):
         began = time.perf_counter()
         if name == "data":
-            stage_data(out)
+            stage_data(out, mbpp)
         elif name == "pretrain":
             _need(out / "data" / "manifest.json", "data")
             stage_pretrain(out, max(60.0, minutes * 60 - 180 - (time.perf_counter() - start)))
@@ -281,5 +285,5 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 12.0, stage
             _log(f"report: {report}")
         if name not in timings or stage == name or time.perf_counter() - began > 1.0:  # skipped stages keep theirs
             timings[name] = time.perf_counter() - began
-            timings_path.write_text(json.dumps(timings))
+            write_json(timings_path, timings)
     return out

@@ -228,10 +228,9 @@ class Scheduler:
         # Compiled decode: batch sizes 1, 2, 4, ... up to max_batch (and max_batch itself).
         self.buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}) \
             if decode_fn is not None else []
-        if self.buckets:  # room for a graph per bucket (+1: the first graph, before the cache length is dynamic)
-            import torch._dynamo.config as dynamo_config
-
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.buckets) + 2)
+        # Room for a graph per bucket (+1: the first graph, before the cache length is dynamic), granted only
+        # around the compiled calls (see _decode_call): no global setting changes.
+        self.recompile_limit = len(self.buckets) + 2
         cfg = model.config
         self.cache = MLACache(cfg, max_batch, max_len, dtype=self.dtype, device=self.device)
         dev = self.device
@@ -431,8 +430,8 @@ class Scheduler:
             if self.buckets:  # one graph per bucket, specialized to its batch size
                 for t, dim in ((ids, 0), (mask, 0), (pos, 0), (view.kv, 1)):
                     torch._dynamo.mark_static(t, dim)
-            logits = self.decode_fn(ids, attention_mask=mask, position_ids=pos, cache=view,
-                                    start_pos=self.cursor).logits[:, -1]
+            logits = self._decode_call(ids, attention_mask=mask, position_ids=pos, cache=view,
+                                       start_pos=self.cursor).logits[:, -1]
             token, lp, top_ids, top_lp = sample(logits, row_params, self.steps[:nb], needs,
                                                 self.seen[:nb] if needs.penalty else None)
             self._advance(rows, token, needs)
@@ -440,6 +439,17 @@ class Scheduler:
             self.cursor += 1
             toks.append(token), lps.append(lp), tids.append(top_ids), tlps.append(top_lp)
         self._deliver(list(range(nb)), toks, lps, tids, tlps)
+
+    def _decode_call(self, *args, **kwargs):
+        """One decode step; compiled steps run with dynamo's recompile limit raised to a graph per bucket."""
+        if not self.buckets:
+            return self.decode_fn(*args, **kwargs)
+        import torch._dynamo.config as dynamo_config
+
+        if dynamo_config.recompile_limit >= self.recompile_limit:
+            return self.decode_fn(*args, **kwargs)
+        with dynamo_config.patch(recompile_limit=self.recompile_limit):
+            return self.decode_fn(*args, **kwargs)
 
     def _decode_rows(self, n: int) -> int:
         """Rows a decode step runs: the slot prefix holding every active row, rounded up to a bucket when steps

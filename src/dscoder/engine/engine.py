@@ -43,6 +43,25 @@ _SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "repetition_pen
                   "stop_token_ids", "ignore_eos", "logprobs"}
 
 
+def engine_device(device: torch.device | str) -> torch.device:
+    """``device`` as a :class:`torch.device` an engine can run on, or a one-line DscoderError saying why not."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DscoderError(f"device {str(device)!r}: not a device name (expected e.g. cpu, cuda, cuda:1, mps)") \
+            from None
+    if d.type == "meta":
+        raise DscoderError("device 'meta': an engine needs a device that holds weights (cpu, cuda, ...)")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DscoderError(f"device {str(device)!r}: CUDA is not available on this machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise DscoderError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise DscoderError(f"device {str(device)!r}: MPS is not available on this machine")
+    return d
+
+
 @dataclass
 class StreamChunk:
     """A piece of a streamed completion: new ``text`` and ``token_ids``; ``finish_reason`` set on the last one."""
@@ -56,7 +75,9 @@ class Engine:
     """Generation over the latent cache with continuous batching.
 
     ``source``: a checkpoint directory (its tokenizer is loaded from it when present), a preset name (random
-    weights), or a :class:`~dscoder.DeepseekV2`. ``max_batch_size`` rows decode together; ``max_len`` (default:
+    weights), or a :class:`~dscoder.DeepseekV2`. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...) is where the
+    model and the cache live: a given model is moved there (in place, as ``Module.to`` does); None keeps a given
+    model where it is and loads onto the CPU. ``max_batch_size`` rows decode together; ``max_len`` (default:
     the model's context, at most 4096) bounds prompt + output and sizes the cache. ``sync_every`` decode steps run
     between host syncs (streamed requests sync every step). ``compile`` runs decode steps through ``torch.compile``
     (prefill stays eager): the first steps at each batch bucket (1, 2, 4, ...) compile (seconds to a minute; see
@@ -69,19 +90,21 @@ class Engine:
     """
 
     def __init__(self, source, tokenizer=None, *, dtype: torch.dtype | str | None = None,
-                 device: torch.device | str = "cpu", max_batch_size: int = 8, max_len: int | None = None,
+                 device: torch.device | str | None = None, max_batch_size: int = 8, max_len: int | None = None,
                  sync_every: int = 8, compile: bool = False, prefix_cache_mb: int = 0, prefill_chunk: int = 0):
-        import dscoder
         from dscoder.model import DeepseekV2
+        from dscoder.model.build import load_model
         from dscoder.model.checkpoint import parse_dtype
         from dscoder.tokenizer import Tokenizer
 
+        target = None if device is None else engine_device(device)
         if isinstance(source, DeepseekV2):
-            model = source.eval()
-            if dtype is not None:
-                model = model.to(parse_dtype(dtype))
+            if next(source.parameters()).device.type == "meta":
+                raise DscoderError("the model is on the meta device (it has no weights): build or load it on a real "
+                                   "device, e.g. dscoder.load_model(..., device='cpu')")
+            model = source.eval().to(device=target, dtype=parse_dtype(dtype))  # in place, as Module.to is
         else:
-            model = dscoder.load_model(source, dtype=dtype, device=device)
+            model = load_model(source, dtype=dtype, device=target or "cpu")
             if tokenizer is None and isinstance(source, (str, Path)) and (Path(source) / "tokenizer.json").is_file():
                 tokenizer = Tokenizer.load(source)
         if isinstance(tokenizer, (str, Path)):
@@ -99,6 +122,8 @@ class Engine:
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
         pad = tokenizer.pad_id if tokenizer is not None else (self.eos_id or 0)
+        # torch.compile is lazy: the scheduler compiles on its first steps at each bucket, under its own
+        # recompile limit (see Scheduler); constructing the engine changes no global setting.
         decode_fn = torch.compile(model, options=COMPILE_OPTIONS) if compile else None
         self.scheduler = Scheduler(model, max_batch=max_batch_size, max_len=max_len, sync_every=sync_every,
                                    pad_id=pad, decode_fn=decode_fn, prefix_cache_bytes=prefix_cache_mb << 20,

@@ -89,13 +89,18 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
 
 
+# The gathered fallback copies each slot's expert matrix: at most this many bytes of them per chunk.
+GATHER_CHUNK_BYTES = 64 << 20
+
+
 def _gathered_mm(x_SI: torch.Tensor, w_EIO: torch.Tensor, expert_S: torch.Tensor) -> torch.Tensor:
     """Fallback for ``_grouped_mm``: each slot multiplies by its own expert's matrix, in bounded chunks.
 
-    No loop over experts and no host sync; memory per chunk is bounded by gathering at most ~64 MiB of weights.
+    No loop over experts and no host sync; memory per chunk is bounded by gathering at most
+    ``GATHER_CHUNK_BYTES`` of weights.
     """
     per_slot = w_EIO.shape[1] * w_EIO.shape[2] * w_EIO.element_size()
-    chunk = max(1, (64 << 20) // per_slot)
+    chunk = max(1, GATHER_CHUNK_BYTES // per_slot)
     outs = [torch.bmm(x_SI[i:i + chunk, None, :], w_EIO[expert_S[i:i + chunk]])[:, 0]
             for i in range(0, max(x_SI.shape[0], 1), chunk)]  # one (empty) product when S = 0
     return torch.cat(outs) if len(outs) != 1 else outs[0]
@@ -178,20 +183,22 @@ class MoE(nn.Module):
         n_shared = config.n_shared_experts or 0
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns ``(y_BTD, aux, counts_E)``: while training, the balance loss and the expert load (tokens routed
+        to each expert, fp32, no host sync) for the trainer's statistics; else ``None, None``."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         weights_NK, experts_NK, scores_NE = self.gate(x_ND)
         y_ND = self.experts(x_ND, weights_NK, experts_NK)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
-        aux = None
+        aux = counts_E = None
         if self.training:
             aux = balance_loss(self.config, scores_NE.view(B, T, -1), experts_NK.view(B, T, -1))
-            flat = experts_NK.detach().reshape(-1)  # expert load for the trainer's statistics (no host sync)
-            self.expert_counts = torch.zeros(self.config.n_routed_experts, device=flat.device).scatter_add_(
+            flat = experts_NK.detach().reshape(-1)
+            counts_E = torch.zeros(self.config.n_routed_experts, device=flat.device).scatter_add_(
                 0, flat, torch.ones_like(flat, dtype=torch.float32))
-        return y_ND.view(B, T, D), aux
+        return y_ND.view(B, T, D), aux, counts_E
 
 
 def balance_loss(config: ModelConfig, scores_BTE: torch.Tensor, experts_BTK: torch.Tensor) -> torch.Tensor | None:

@@ -21,10 +21,12 @@ from dscoder.model.rope import RotaryEmbedding, rope_inv_freq
 
 @dataclass
 class ModelOutput:
-    """``logits [B, T, V]`` in the model's dtype; ``aux_loss`` the summed MoE balance loss (training only)."""
+    """``logits [B, T, V]`` in the model's dtype. In training mode only: ``aux_loss`` the summed MoE balance loss
+    and ``expert_counts [L_moe, E]`` (fp32) the tokens each MoE layer routed to each expert (its expert load)."""
 
     logits: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -37,13 +39,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h_BTD, cos, sin, mask, cache, start_pos):
+        """``(h_BTD, balance loss | None, expert counts [E] | None)``: the last two in training mode, MoE layers."""
         h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), cos, sin, mask, cache, start_pos)
         x = self.post_attention_layernorm(h_BTD)
         if self.is_moe:
-            y, aux = self.mlp(x)
+            y, aux, counts = self.mlp(x)
         else:
-            y, aux = self.mlp(x), None
-        return h_BTD + y, aux
+            y, aux, counts = self.mlp(x), None, None
+        return h_BTD + y, aux, counts
 
 
 class Backbone(nn.Module):
@@ -78,10 +81,10 @@ class DeepseekV2(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: MLACache | None = None, start_pos: int = 0,
                 logits_to_keep: int = 0) -> ModelOutput:
-        h, aux_total = self.hidden(input_ids, attention_mask, position_ids, cache, start_pos)
+        h, aux_total, counts = self._trunk(input_ids, attention_mask, position_ids, cache, start_pos)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return ModelOutput(logits=self.lm_head(h), aux_loss=aux_total)
+        return ModelOutput(logits=self.lm_head(h), aux_loss=aux_total, expert_counts=counts)
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, cache: MLACache | None = None,
@@ -90,18 +93,25 @@ class DeepseekV2(nn.Module):
 
         ``attention_mask`` is a ``[B, S]`` padding mask, or a full ``[B, 1, T, S]`` bool mask (True = attend) used
         as given, e.g. block-diagonal masks of packed documents."""
+        h, aux_total, _ = self._trunk(input_ids, attention_mask, position_ids, cache, start_pos)
+        return h, aux_total
+
+    def _trunk(self, input_ids, attention_mask, position_ids, cache, start_pos):
+        """``(hidden [B, T, D], summed balance loss | None, expert counts [L_moe, E] | None)``."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(start_pos, start_pos + T, device=input_ids.device).expand(B, T)
         cos, sin = self.model.rotary(position_ids)
         mask = self._mask(attention_mask, B, T, start_pos, input_ids.device)
         h = self.model.embed_tokens(input_ids)
-        aux_total = None
+        aux_total, counts = None, []
         for layer in self.model.layers:
-            h, aux = layer(h, cos, sin, mask, cache, start_pos)
+            h, aux, counts_E = layer(h, cos, sin, mask, cache, start_pos)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        return self.model.norm(h), aux_total
+            if counts_E is not None:
+                counts.append(counts_E)
+        return self.model.norm(h), aux_total, torch.stack(counts) if counts else None
 
     @staticmethod
     def _mask(attention_mask, B, T, start_pos, device) -> torch.Tensor | None:
@@ -177,18 +187,15 @@ class DeepseekV2(nn.Module):
         self.model.rotary = RotaryEmbedding(self.config).to(device)
 
     def set_rope_factor(self, factor: float) -> None:
-        """Change the YaRN factor in place (long-context stages): rope frequencies and the softmax scale follow."""
-        rs = self.config.rope_scaling
-        if rs is None or rs["type"] != "yarn":
-            raise ValueError("set_rope_factor needs a YaRN model")
-        self.config = self.config.replace(rope_scaling={**rs, "factor": factor},
-                                          max_position_embeddings=int(factor * rs["original_max_position_embeddings"]))
+        """Change the YaRN factor in place (long-context stages): the config (:meth:`ModelConfig.with_rope_factor`),
+        rope frequencies and every attention's softmax scale follow. Raises ConfigError without YaRN."""
+        self.config = self.config.with_rope_factor(factor)
         inv_freq, magnitude = rope_inv_freq(self.config)
         self.model.rotary.inv_freq.copy_(inv_freq)
         self.model.rotary.magnitude = magnitude
-        for layer in self.model.layers:
-            attn = getattr(layer, "_checkpoint_wrapped_module", layer).self_attn
-            attn.softmax_scale = self.config.softmax_scale
+        for module in self.modules():  # found through any wrapper a trainer put around the layers
+            if isinstance(module, MLA):
+                module.softmax_scale = self.config.softmax_scale
 
     # ----- costs ---------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dscoder.errors import ConfigError
+from dscoder.recipes import recipe_path
 
 
 @dataclass
@@ -167,7 +168,7 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text())
+            raw = tomllib.loads(recipe_path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as e:
