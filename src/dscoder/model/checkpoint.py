@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from dscoder.config import ModelConfig
 from dscoder.errors import CheckpointError, DscoderError
+from dscoder.io import write_json
 from dscoder.model.transformer import DeepseekV2
 
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -191,17 +192,12 @@ def save_checkpoint(model: DeepseekV2, directory: str | Path, dtype: torch.dtype
     if len(shards) > 1:
         total = sum(state[k].numel() * elem[k] for k in state)
         weight_map = {k: n for n, keys in zip(names, shards) for k in keys}
-        _write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
     elif index.exists():
         index.unlink()
     c = model.config
-    _write_json(directory / "config.json", c.to_hf_dict(dtype=str(stored).removeprefix("torch.")))
-    _write_json(directory / "generation_config.json",
-                {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id})
+    write_json(directory / "config.json", c.to_hf_dict(dtype=str(stored).removeprefix("torch.")))
+    write_json(directory / "generation_config.json",
+               {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id})
     return directory
 
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
