@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -15,18 +16,17 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from dscoder.engine import Engine  # noqa: E402
+from dscoder.engine import Engine, SamplingParams  # noqa: E402
 from dscoder.serve import Limits, create_app  # noqa: E402
-from conftest import make_checkpoint  # noqa: E402
+from dscoder.serve.generation import Generation  # noqa: E402
 
 KEY = "test-key"
 NAME = "tiny-coder"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("serve_ckpt"))
-    engine = Engine(ckpt, max_batch_size=8, max_len=128)
+def server(tiny_checkpoint):
+    engine = Engine(tiny_checkpoint, max_batch_size=8, max_len=128)
     limits = Limits(max_tokens=64, max_concurrent=48)
     app = create_app(engine, model_name=NAME, api_key=KEY, limits=limits)
     with socket.socket() as s:
@@ -39,7 +39,7 @@ def server(tmp_path_factory):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "limits": limits}
+    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "limits": limits, "state": app.state.serve}
     srv.should_exit = True
     thread.join(timeout=10)
     engine.close()
@@ -50,12 +50,12 @@ def client(server):
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def _post(server, path, body, key=KEY, raw=None):
+def _post(server, path, body, key=KEY, raw=None, timeout=60):
     data = raw if raw is not None else json.dumps(body).encode()
     req = urllib.request.Request(server["url"] + path, data=data, method="POST",
                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -189,14 +189,14 @@ def test_32_concurrent_streaming_clients(server, client):
     assert [text for text, _ in results[:4]] == [r.text for r in refs]
 
 
-def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path):
+def test_cli_serve_answers_and_stops_on_ctrl_c(tiny_checkpoint):
     """``dscoder serve``: HTTP on a helper thread, the engine loop on the main thread; SIGINT ends it cleanly."""
     import os
     import signal
     import subprocess
     import sys
 
-    ckpt = make_checkpoint(tmp_path / "ckpt")
+    ckpt = tiny_checkpoint
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -226,3 +226,203 @@ def test_cli_serve_answers_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ----- faults: each test fails if the fault comes back ---------------------------------------------------------------
+def _error(status_body):
+    status, body = status_body
+    return status, json.loads(body)["error"]
+
+
+def _health_ok(server, timeout=5):
+    with urllib.request.urlopen(server["url"] + "/health", timeout=timeout) as r:
+        return r.status == 200
+
+
+def _wait_until(cond, seconds=10.0):
+    """Poll ``cond`` until it holds or ``seconds`` pass (a bounded wait, not a sleep that hopes)."""
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": "4"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4.0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": "2"}, "n"),
+    ("/v1/completions", {"prompt": "x", "temperature": True}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": "0.5"}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", 1]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "x", "seed": "1"}, "seed"),
+    ("/v1/completions", {"prompt": [1.5, 2]}, "prompt"),
+    ("/v1/completions", {"prompt": [True]}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": "true"}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("/infill", {"input_prefix": "a", "n_predict": "4"}, "n_predict"),
+])
+def test_wrong_types_are_400_naming_the_field(server, path, body, field):
+    status, error = _error(_post(server, path, body))
+    assert status == 400 and error["param"] == field and error["message"].startswith(field + ":"), error
+    assert "\n" not in error["message"]
+
+
+def test_body_over_the_cap_is_413_before_parsing(server):
+    state = server["state"]
+    limit = state.body_limit()
+    # urllib sends "Connection: close" and the whole body before reading: the answer must still be the 413
+    status, error = _error(_post(server, "/v1/completions", None, raw=b"x" * (limit + 1)))
+    assert status == 413 and error["code"] == "request_too_large" and str(limit) in error["message"]
+    # a chunked upload (no Content-Length) is cut off once it passes the cap
+    host, port = server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"x" * 65536
+        for _ in range(limit // len(piece) + 1):
+            s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        s.sendall(b"0\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 413")
+    assert _health_ok(server)
+
+
+def test_prompt_longer_than_the_context_is_refused_before_tokenizing(server, monkeypatch):
+    state, engine = server["state"], server["engine"]
+    calls = []
+    for name in ("encode_prompt", "chat_ids", "fim_ids"):
+        original = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    chars = state.chars_per_token * engine.max_len  # at least max_len tokens, whatever the text
+    huge = "a" * chars
+    assert len(json.dumps({"prompt": huge})) < state.body_limit()  # under the body cap: the size check is the guard
+    for path, body in [("/v1/completions", {"prompt": huge}),
+                       ("/v1/completions", {"prompt": "def f():", "suffix": huge}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}),
+                       ("/infill", {"input_prefix": huge[: chars // 2], "input_suffix": huge[chars // 2:]})]:
+        status, error = _error(_post(server, path, body))
+        assert status == 400 and error["code"] == "context_length_exceeded" and "at least" in error["message"], error
+    assert calls == []
+    # a prompt that does fit still goes through the tokenizer
+    assert _post(server, "/v1/completions", {"prompt": "def f(x):", "max_tokens": 1})[0] == 200
+    assert calls == ["encode_prompt"]
+
+
+def test_chars_per_token_bounds_the_token_count(server):
+    """The size check's premise: no text has fewer tokens than its characters / ``chars_per_token``."""
+    state, tok = server["state"], server["engine"].tokenizer
+    longest = max(tok.backend.get_vocab(with_added_tokens=True), key=len)
+    texts = ["def f(x):\n    return x * 3 + y\n" * 20, " " * 300, "é€😀" * 50, longest * 10, "<｜fim▁begin｜>" * 5]
+    for text in texts:
+        assert len(tok.encode(text, allow_special=True)) * state.chars_per_token >= len(text), text[:40]
+
+
+def test_tokenizing_does_not_block_health(server, client, monkeypatch):
+    """A prompt being tokenized (held here on an event) must not stop the event loop from answering /health."""
+    engine = server["engine"]
+    entered, release = threading.Event(), threading.Event()
+    original = engine.encode_prompt
+
+    def slow_encode(prompt):
+        entered.set()
+        release.wait(timeout=30)
+        return original(prompt)
+
+    monkeypatch.setattr(engine, "encode_prompt", slow_encode)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(client.completions.create, model=NAME, prompt="def f(x):", max_tokens=2)
+        try:
+            assert entered.wait(timeout=20)
+            assert _health_ok(server, timeout=5)  # times out if tokenizing ran on the event loop
+        finally:
+            release.set()
+        assert answer.result(timeout=60).choices[0].finish_reason == "length"
+
+
+def test_abandoned_requests_free_their_slots(server, client, monkeypatch):
+    """Non-streaming clients that hang up are cancelled and give their slots back while the engine is still busy
+    (held here: its steps wait on an event), so the next client is admitted instead of getting 429."""
+    engine, state, limits = server["engine"], server["state"], server["limits"]
+    gate = threading.Event()
+    step, submit = engine.scheduler.step, engine.submit
+    seqs = []
+    monkeypatch.setattr(engine.scheduler, "step", lambda: (gate.wait(timeout=30), step())[1])
+    monkeypatch.setattr(engine, "submit", lambda *a, **k: seqs.append(submit(*a, **k)) or seqs[-1])
+    monkeypatch.setattr(limits, "max_concurrent", 2)
+    host, port = server["url"].removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "def f(x):", "max_tokens": 64, "ignore_eos": True}).encode()
+    socks = []
+    try:
+        for _ in range(2):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
+            socks.append(s)
+        assert _wait_until(lambda: state.in_flight == 2 and len(seqs) == 2)
+        assert _error(_post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1}))[0] == 429
+        for s in socks:
+            s.close()
+        assert _wait_until(lambda: state.in_flight == 0), "abandoned requests still hold their slots"
+        abandoned = list(seqs)
+        assert all(s.cancelled for s in abandoned)
+    finally:
+        for s in socks:
+            s.close()
+        gate.set()
+    assert client.completions.create(model=NAME, prompt="x", max_tokens=2).choices[0].finish_reason == "length"
+    assert _wait_until(lambda: all(s.done.is_set() for s in abandoned))
+    assert {s.finish_reason for s in abandoned} == {"cancelled"}
+
+
+def test_abandoned_streams_free_their_slots(server, monkeypatch):
+    """A streaming client that hangs up at once, before any event (the engine is held), gives its slot back."""
+    engine, state = server["engine"], server["state"]
+    gate = threading.Event()
+    step, submit = engine.scheduler.step, engine.submit
+    seqs = []
+    monkeypatch.setattr(engine.scheduler, "step", lambda: (gate.wait(timeout=30), step())[1])
+    monkeypatch.setattr(engine, "submit", lambda *a, **k: seqs.append(submit(*a, **k)) or seqs[-1])
+    host, port = server["url"].removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "def f(x):", "max_tokens": 64, "stream": True, "ignore_eos": True}).encode()
+    try:
+        for _ in range(4):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
+        assert _wait_until(lambda: len(seqs) == 4), "the server did not take the requests"
+        assert _wait_until(lambda: state.in_flight == 0), "abandoned streams still hold their slots"
+        assert all(s.cancelled for s in seqs)
+    finally:
+        gate.set()
+
+
+def test_stream_that_never_starts_still_frees_its_slot(server):
+    """The client is gone before the first event is sent: the response ends without ever starting the events, and
+    the request's slot and sequence must be released all the same."""
+    state = server["state"]
+
+    async def run():
+        gen = Generation(state, [[1, 2, 3]], [SamplingParams(max_tokens=64, ignore_eos=True, stream=True)])
+        assert state.in_flight == 1
+
+        async def events():
+            async for _ in gen.updates():
+                yield "data: {}\n\n"
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):  # a client that never reads
+            await asyncio.Event().wait()
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        await asyncio.wait_for(gen.stream(events())(scope, receive, send), timeout=10)
+        return gen
+
+    gen = asyncio.run(run())
+    assert state.in_flight == 0 and gen.seqs[0].cancelled
+    assert _wait_until(gen.seqs[0].done.is_set)

@@ -1,6 +1,8 @@
 """Request bodies of the OpenAI-compatible API (and llama.cpp's ``/infill``), validated by pydantic.
 
-Unknown fields are ignored (clients send many); a field of the wrong type or out of range is a 400 error naming it.
+Unknown fields are ignored (clients send many). Types are strict: a count is a JSON integer (not ``"4"``, ``4.0`` or
+``true``), a number is an integer or a float (not a string or a boolean), a flag is ``true``/``false``; a field of
+the wrong type or out of range is a 400 error naming it (see :mod:`dscoder.serve.errors`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
