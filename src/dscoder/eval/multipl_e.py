@@ -14,9 +14,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dscoder.errors import DscoderError
-from dscoder.eval.tasks import Problem, _read_jsonl, cut_at_stops
+from dscoder.eval.base import LoadContext, Option, Problem, Task, cut_at_stops, read_records, scores
 
 # JVM options that let java start under the sandbox's 1 GiB address-space limit
 _JAVA = "-Xmx256m -Xss8m -XX:ReservedCodeCacheSize=64m -XX:CompressedClassSpaceSize=64m -XX:+UseSerialGC " \
@@ -83,7 +84,7 @@ def _javatuples() -> str | None:
 
 @dataclass
 class MultiPLEProblem(Problem):
-    def program(self, completion: str) -> tuple[str, dict | None]:
+    def program(self, completion: str) -> tuple[str, dict]:
         code = cut_at_stops(completion, self.stop)
         lang: Language = self.data["language"]
         call = {"file": lang.file, "command": lang.command, "tools": self.data["tools"]}
@@ -122,10 +123,10 @@ def multipl_e(directory: str | Path | None, languages: list[str] | None = None,
             skipped[name] = tools
             continue
         jar = _javatuples() if name == "java" else None
-        for i, row in enumerate(_read_jsonl(path, "MultiPL-E"), 1):
+        for i, row in read_records(path, "MultiPL-E"):
             try:
-                prompt, tests, stops, task = row["prompt"], row["tests"], list(row["stop_tokens"]), row["name"]
-                if not all(isinstance(x, str) for x in (prompt, tests, task, *stops)):
+                prompt, tests, stops, task = row["prompt"], row["tests"], row["stop_tokens"], row["name"]
+                if not (isinstance(stops, list) and all(isinstance(x, str) for x in (prompt, tests, task, *stops))):
                     raise TypeError
             except (KeyError, TypeError):
                 raise DscoderError(f"{path}:{i}: expected a MultiPL-E record (name, prompt, tests, stop_tokens)") \
@@ -141,3 +142,35 @@ def multipl_e(directory: str | Path | None, languages: list[str] | None = None,
     for line in skipped.values():
         print(line, file=sys.stderr)
     return out
+
+
+def _languages(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise DscoderError(f"--languages {text!r}: expected comma-separated names, e.g. cpp,java,js")
+    return names
+
+
+class MultiPLETask(Task):
+    name = "multipl-e"
+    help = "MultiPL-E: HumanEval in C++, Java, JS, TS, Go, Rust, Bash, PHP, C# with the toolchains found here"
+    options = (Option("humaneval_x", "--humaneval-x", "folder of MultiPL-E humaneval-{lang}.jsonl files "
+                      "(e.g. ../shared/data/humaneval-x/)", metavar="DIR", required=True),
+               Option("languages", "--languages", f"languages to run (default: all of {','.join(LANGUAGES)})",
+                      parse=_languages, metavar="LANGS"))
+
+    def load(self, options: dict[str, Any], ctx: LoadContext) -> list[Problem]:
+        languages = options["languages"]
+        if isinstance(languages, str):
+            languages = _languages(languages)
+        return multipl_e(options["humaneval_x"], languages, ctx.skipped)
+
+    def is_skipped(self, task_id: str, skipped: dict[str, str]) -> bool:
+        return task_id.split("/", 1)[0] in skipped
+
+    def summarize(self, summary: dict[str, Any], rows: dict, options: dict[str, Any], out: Path,
+                  ks: tuple[int, ...]) -> None:
+        summary["languages"] = {}
+        for lang in sorted({t.split("/", 1)[0] for t, _ in rows}):
+            part = scores({k: v for k, v in rows.items() if k[0].startswith(lang + "/")}, ks)
+            summary["languages"][lang] = {k: v for k, v in part.items() if k == "problems" or k.startswith("pass@")}

