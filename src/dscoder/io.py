@@ -66,18 +66,19 @@ def iter_jsonl(path: str | Path, what: str = "jsonl") -> Iterator[tuple[int, Any
     if not path.is_file():
         raise DscoderError(f"{path}: no such {what} file")
     opener = gzip.open if path.suffix == ".gz" else open
-    n = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):  # decoded line by line, so a bad byte is reported on its own line
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DscoderError(f"{path}:{n}: not valid UTF-8") from None
                 if not line.strip():
                     continue
                 try:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DscoderError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise DscoderError(f"{path}:{n + 1}: not valid UTF-8") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DscoderError(f"{path}: truncated or corrupt gzip file ({e})") from None
     except OSError as e:
