@@ -45,8 +45,8 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     args = p.parse_args()
 
-    from dscoder.train.grpo import GRPOData, GRPOSection, grpo
-    from dscoder.train.sft import build_policy, load_recipe
+    from dscoder.align.grpo import GRPOData, GRPOSection, grpo
+    from dscoder.align.recipe import build_policy, load_recipe
 
     print(f"device: {'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
           f"{torch.get_num_threads()} threads; {args.prompts} prompts x G={args.group}, up to {args.new_tokens} "

@@ -35,6 +35,8 @@ def test_round_trip_is_exact_and_uses_hub_keys(tiny_dir):
     torch.testing.assert_close(model(ids).logits, loaded(ids).logits, rtol=1e-6, atol=1e-6)
     assert not loaded.training  # like from_pretrained: eval mode
     assert json.loads((path / "config.json").read_text())["torch_dtype"] == "float32"
+    # readable by others, as any shared checkpoint (safetensors alone would create its files 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()} == {p.name: 0o644 for p in path.iterdir()}
 
 
 def test_sharded_bf16_save_and_load(tmp_path):

@@ -11,8 +11,8 @@ import torch
 
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
-from dscoder.train.grpo import GRPOData, GRPOSection, group_advantages, grpo, grpo_loss
-from dscoder.train.sft import load_recipe
+from dscoder.align.grpo import GRPOData, GRPOSection, group_advantages, grpo, grpo_loss
+from dscoder.align.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_bad_input(code_setup, tmp_path):
         grpo(recipe("grpo.group_size=1"), tmp_path / "d")
     # a reward model of another vocabulary (the tokenizer's 300 tokens vs the built-in task's 16)
     from dscoder.config import ModelConfig
-    from dscoder.train.reward import RewardModel, save_reward_model
+    from dscoder.align.reward import RewardModel, save_reward_model
 
     rm = RewardModel(ModelConfig.preset("tiny").replace(vocab_size=300))
     rm.init_weights()
@@ -128,7 +128,7 @@ def test_bad_input(code_setup, tmp_path):
 def test_cli_commands(tmp_path, capsys):
     import argparse
 
-    from dscoder.train.align_cli import register
+    from dscoder.align.cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

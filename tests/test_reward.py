@@ -11,9 +11,9 @@ import torch
 
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
-from dscoder.train.reward import (RewardData, RewardSection, bradley_terry_loss, load_reward_model, problem_from_row,
+from dscoder.align.recipe import load_recipe
+from dscoder.align.reward import (RewardData, RewardSection, bradley_terry_loss, load_reward_model, problem_from_row,
                                   train_reward)
-from dscoder.train.sft import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +87,8 @@ def test_policy_from_an_hf_checkpoint_takes_its_weights_and_a_fresh_head(tmp_pat
     and an override that changes a weight's shape is a clear error."""
     import dscoder
     from dscoder.errors import ConfigError
-    from dscoder.train.reward import RewardModel
-    from dscoder.train.sft import build_policy
+    from dscoder.align.recipe import build_policy
+    from dscoder.align.reward import RewardModel
 
     src = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=3)
     dscoder.save_model(src, tmp_path / "hf")

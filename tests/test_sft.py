@@ -11,8 +11,8 @@ import torch
 import dscoder
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
-from dscoder.train.sft import (IGNORE, SFTData, SFTSection, collate, document_mask, encode_chat,
-                               load_recipe, make_example, pack, sft)
+from dscoder.align.recipe import load_recipe
+from dscoder.align.sft import IGNORE, SFTData, SFTSection, collate, document_mask, encode_chat, make_example, pack, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle"]
@@ -116,3 +116,24 @@ def test_bad_chat_data_is_one_line(tok_dir, tmp_path):
         sft(recipe(tok_dir, tmp_path / "worse.jsonl"), tmp_path / "run2")
     with pytest.raises(DscoderError, match="unknown config key 'sft.bogus'"):
         recipe(tok_dir, bad, "sft.bogus=1")
+
+
+def test_run_layer_settings_and_faults(tok_dir, tmp_path):
+    """train.dtype is honoured (bf16 autocast), compile and activation checkpointing are refused in one line, a
+    length past the context and a non-finite loss stop the run with one line (the shared run layer)."""
+    from dscoder.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in chats(8)])
+    common = ["train.steps=1", "train.export=false", "data.eval_path="]
+    f32 = sft(recipe(tok_dir, data, *common, "train.dtype=float32"), tmp_path / "f32")
+    bf16 = sft(recipe(tok_dir, data, *common, "train.dtype=bfloat16"), tmp_path / "bf16")
+    assert bf16["first_loss"] != f32["first_loss"] and bf16["first_loss"] == pytest.approx(f32["first_loss"], rel=0.02)
+    for key in ("compile", "activation_checkpointing"):
+        with pytest.raises(ConfigError, match=f"train.{key} = true: not supported by the alignment recipes"):
+            recipe(tok_dir, data, f"train.{key}=true")
+    with pytest.raises(ConfigError, match="data.seq_len = 4096: longer than the model's context"):
+        sft(recipe(tok_dir, data, "data.seq_len=4096"), tmp_path / "long")
+    with pytest.raises(DscoderError, match=r"^step 2: .*the run stopped before this optimizer step"):
+        sft(recipe(tok_dir, data, "train.steps=4", "train.warmup_steps=0", "train.lr=1e30", "train.ckpt_every=1",
+                   *common[1:]), tmp_path / "nan")
+    assert [p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()] == ["step-000001"]

@@ -304,6 +304,11 @@ def test_export_protects_the_run_and_keeps_the_tokenizer(data_dir, tmp_path, cap
     assert "the run has no tokenizer" in err[1]
     assert main(["export", str(tmp_path / "nan"), "--out", str(run)]) == 2  # into another run: refused
     assert "--out holds a training run" in _messages(capsys)[0]
+    # and training into the export (an HF checkpoint, not a run) is refused too: its config.json stays
+    before = (tmp_path / "hf" / "config.json").read_bytes()
+    with pytest.raises(DscoderError, match="holds a config.json that is not a training run's"):
+        pretrain(_config(data_dir, "train.steps=1"), tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").read_bytes() == before
 
 
 def test_seq_len_past_the_context_is_refused(data_dir, tmp_path):

@@ -229,20 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a TOML recipe file, e.g. configs/tiny.toml, or a packaged recipe's name: tiny, "
                          "tiny-long-context, coder-v2-lite, coder-v2")
     pt.add_argument("--out", required=True, help="run directory (metrics.jsonl, loss.png, checkpoints/)")
-    pt.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    pt.add_argument("--resume", action="store_true",
+                    help="continue from the run's newest intact checkpoint (damaged ones are skipped with a warning)")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted overrides of the recipe, e.g. train.steps=100 data.path=runs/data")
     pt.set_defaults(func=train_pretrain)
 
-    from dscoder.train.align_cli import register as register_alignment
+    from dscoder.align.cli import register as register_alignment
 
     register_alignment(train_sub)  # sft, reward, grpo
 
     ex = sub.add_parser("export", help="training checkpoint -> HF checkpoint",
                         description="Write an HF checkpoint (config.json, safetensors, tokenizer) from a run "
-                                    "directory (its latest checkpoint) or a checkpoint directory.")
+                                    "directory (its newest intact checkpoint) or a checkpoint directory, verified "
+                                    "against its checksums first.")
     ex.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True,
+                    help="a new directory (not a file, the run itself, inside its checkpoints/, or another run)")
     ex.add_argument("--dtype", choices=["float32", "bfloat16"], help="stored dtype (default: float32)")
     ex.set_defaults(func=export_checkpoint)
 

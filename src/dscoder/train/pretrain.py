@@ -25,7 +25,7 @@ from dscoder.io import read_jsonl
 from dscoder.train import expert_parallel
 from dscoder.train.config import Stage, TrainConfig
 from dscoder.train.optim import build_optimizer, lr_factor
-from dscoder.train.run import (Run, autocast, build_model, check_context, check_finite, model_config, set_lr,
+from dscoder.train.run import (Run, autocast, build_model, check_context, model_config, optimizer_step,
                                unwrap)
 
 
@@ -220,14 +220,9 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
         loader.load_state_dict(loader_state)
     peak, peak_name = _peak_flops(d.device)
     flops_per_token = unwrap(model).flops_per_token(stage.seq_len)
-    bar = None
-    if d.main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {}
     step = start
-    try:
+    with run.progress("pretrain", total, start) as bar:
         while step < stop:
             idx, first = _stage_at(plan, step)
             if idx != stage_idx:  # long-context extension: next stage's length, batch and YaRN factor
@@ -250,43 +245,34 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
                 lm_sum += lm.item()
                 aux_sum += float(aux.detach())
                 tokens += ids.numel()
-            if config.parallel.ep > 1:
-                expert_parallel.reduce_expert_grads(model)
-                grad_norm = expert_parallel.clip_grad_norm_(model, t.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
             lr = (stage.lr or t.lr) * (lr_factor(step - stage_start, min(t.warmup_steps, stage.steps // 2 or 1),
                                                  stage.steps, t.min_lr_ratio) if config.stages else
                                        lr_factor(step, t.warmup_steps, total, t.min_lr_ratio))
+            # losses averaged over ranks and the global gradient norm: every rank stops at the same step
             lm_loss, aux_loss = _all_mean([lm_sum / t.grad_accum, aux_sum / t.grad_accum], d)
-            check_finite(step + 1, loss=lm_loss, aux_loss=aux_loss, grad_norm=float(grad_norm))  # the same on all ranks
-            set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1,
+                                       clip=_expert_parallel_clip if config.parallel.ep > 1 else None,
+                                       loss=lm_loss, aux_loss=aux_loss)
             step += 1
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             tok_s = tokens * d.world / seconds
-            last = {"step": step, "loss": lm_loss, "aux_loss": aux_loss, "grad_norm": float(grad_norm), "lr": lr,
+            last = {"step": step, "loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr,
                     "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak, "seq_len": stage.seq_len,
                     "expert_load_max": _expert_load(output.expert_counts)}
-            if step % t.log_every == 0 or step == stop:
-                run.log(last)
-            if d.main:
-                bar.update()
-                bar.set_postfix(loss=f"{lm_loss:.3f}", tok_s=f"{tok_s:.0f}")
-            if step % t.ckpt_every == 0 or step == stop:
-                run.save(step, model, optimizer, extra={"loader": loader.state_dict()}, meta={"peak_flops": peak_name},
-                         keep=t.keep_checkpoints)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(loss=lm_loss, tok_s=round(tok_s))
+            run.end_step(step, stop, t, last, model, optimizer, extra={"loader": loader.state_dict()},
+                         meta={"peak_flops": peak_name})
     if d.main and run.metrics.exists():
         plot_loss(run.metrics, out / "loss.png")
     return last
+
+
+def _expert_parallel_clip(model, max_norm: float) -> torch.Tensor:
+    """Expert gradients reduced over "dp", then clipped with the global norm (``dscoder.train.expert_parallel``)."""
+    expert_parallel.reduce_expert_grads(model)
+    return expert_parallel.clip_grad_norm_(model, max_norm)
 
 
 def _no_sync(model, config: TrainConfig, sync: bool, d: Dist):

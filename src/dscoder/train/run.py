@@ -127,10 +127,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(model, optimizer, lr: float, grad_clip: float, step: int, **losses: float) -> float:
-    """Clip to ``grad_clip``, refuse non-finite ``losses`` or gradients (:func:`check_finite`; ``step`` is the
-    1-based step being taken), set ``lr``, step and zero the gradients; returns the gradient norm before clipping."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+def optimizer_step(model, optimizer, lr: float, grad_clip: float, step: int, clip=None, **losses: float) -> float:
+    """Clip to ``grad_clip`` (``clip(model, grad_clip)``, default ``clip_grad_norm_`` over the parameters), refuse
+    non-finite ``losses`` or gradients (:func:`check_finite`; ``step`` is the 1-based step being taken), set ``lr``,
+    step and zero the gradients; returns the gradient norm before clipping."""
+    if clip is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = clip(model, grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
     check_finite(step, **losses, grad_norm=grad_norm)
     set_lr(optimizer, lr)
     optimizer.step()
@@ -155,6 +162,9 @@ class Run:
         if ckpt.checkpoints(self.out) and not resume:
             raise DscoderError(f"{self.out}: already holds checkpoints; pass --resume to continue, or choose another "
                                f"--out")
+        if (self.out / "config.json").is_file() and not _is_recipe(self.out / "config.json"):
+            raise DscoderError(f"{self.out}: holds a config.json that is not a training run's (an HF checkpoint?); "
+                               f"choose another --out")
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -228,12 +238,62 @@ class Run:
             with open(self.metrics, "a") as f:
                 f.write(_json_line(row))
 
+    def end_step(self, step: int, stop: int, t, row: dict[str, Any], model, optimizer,
+                 extra: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> None:
+        """After optimizer step ``step`` (of a run stopping at ``stop``): log ``row`` every ``t.log_every`` steps
+        and save a checkpoint every ``t.ckpt_every`` steps (``t``: a ``[train]`` section), and at the last step."""
+        if step % t.log_every == 0 or step == stop:
+            self.log(row)
+        if step % t.ckpt_every == 0 or step == stop:
+            self.save(step, model, optimizer, extra or {}, meta or {}, t.keep_checkpoints)
+
+    def progress(self, name: str, total: int, initial: int) -> Progress:
+        return Progress(name, total, initial, enabled=self.main)
+
+    def export(self, out: str | Path | None = None) -> Path:
+        """An HF checkpoint (``RUN/hf`` by default) of the newest intact checkpoint, with the run's tokenizer."""
+        from dscoder.train.export import export
+
+        return export(self.out, out or self.out / "hf")
+
     def save(self, step: int, model, optimizer, extra: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
         """A checkpoint of ``model`` and ``optimizer`` at ``step`` (collectively); ``meta`` gains the tokenizer."""
         meta = {"model": unwrap(model).config.to_hf_dict(), **meta}
         if self.tokenizer_dir is not None:
             meta.setdefault("tokenizer", TOKENIZER_DIR)  # relative: the run directory can move
         return ckpt.save(self.out, step, model, optimizer, extra={"step": step, **extra}, meta=meta, keep=keep)
+
+
+class Progress:
+    """A progress bar on rank 0 (``update(**postfix)``), closed however the loop ends so an error line that
+    follows starts on a line of its own."""
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
+
+    def update(self, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()})
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _is_recipe(path: Path) -> bool:
+    """Whether ``path`` is a run's ``config.json`` (a recipe with a ``train`` table), which a new start may replace."""
+    try:
+        return isinstance(json.loads(path.read_text()).get("train"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

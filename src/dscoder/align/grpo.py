@@ -22,7 +22,7 @@ of the logits divided by the sampling temperature, the distribution the completi
 Rewards (``grpo.rewards``, weights summed): ``tests`` (1 if the program passes its tests in the sandbox, else 0; for
 the built-in task, its verifier's score) and ``model`` (a reward model from ``dscoder train reward``; its vocabulary
 must be the policy's). Prompts: a jsonl of problems with tests (HumanEval or MBPP style, see
-:func:`dscoder.train.reward.problem_from_row`), or ``data.prompts = "builtin:count"``: given the digits
+:func:`dscoder.align.reward.problem_from_row`), or ``data.prompts = "builtin:count"``: given the digits
 ``d, d+1, d+2`` (mod 10), write the next four; the reward is the fraction right. A tiny random model (16-token
 vocabulary) starts near 1/16 and learns it in a minute on a CPU, so the whole loop can be watched.
 
@@ -41,11 +41,11 @@ from typing import Any
 
 import torch
 
+from dscoder.align.recipe import AlignConfig, build_policy, load_tokenizer, open_run, policy_config
 from dscoder.errors import ConfigError, DscoderError
+from dscoder.io import read_jsonl
 from dscoder.train.optim import build_optimizer, lr_factor
-from dscoder.train.sft import (AlignConfig, build_policy, load_tokenizer, log_metrics, prepare_run, read_jsonl,
-                               resume_from, save_checkpoint, tokenizer_dir)
-
+from dscoder.train.run import autocast, check_context, optimizer_step
 LOSS_TYPES = ("grpo", "dr_grpo", "token")
 
 
@@ -179,7 +179,7 @@ class Rewarder:
     """Scores completions: the task's verifier or sandboxed tests, a reward model, or their weighted sum."""
 
     def __init__(self, config: AlignConfig, vocab_size: int, builtin: CountTask | None):
-        from dscoder.train.reward import load_reward_model
+        from dscoder.align.reward import load_reward_model
 
         self.weights = {k: float(v) for k, v in config.method.rewards.items()}
         self.builtin = builtin
@@ -208,7 +208,7 @@ class Rewarder:
 
 
 def load_prompts(config: AlignConfig, tokenizer) -> list[dict]:
-    from dscoder.train.reward import problem_from_row
+    from dscoder.align.reward import problem_from_row
 
     path = config.data.prompts
     items = []
@@ -265,8 +265,11 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
     else:
         tokenizer = load_tokenizer(config)
     items = load_prompts(config, tokenizer) if builtin is None else None
-    existing = prepare_run(out, config, resume)
-    model = build_policy(config, None if builtin is not None else tokenizer)
+    mcfg = policy_config(config, None if builtin is not None else tokenizer)
+    if builtin is None:
+        check_context(d.max_prompt_len + g.max_new_tokens, mcfg, "data.max_prompt_len + grpo.max_new_tokens")
+    run = open_run(config, out, resume, tokenizer)
+    model = build_policy(config, None if builtin is not None else tokenizer, mcfg=mcfg)
     if builtin is not None and model.config.vocab_size < builtin.vocab_size:
         raise ConfigError(f"the built-in task needs a vocabulary of at least {builtin.vocab_size} tokens")
     rewarder = Rewarder(config, model.config.vocab_size, builtin)
@@ -275,12 +278,8 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
         ref = copy.deepcopy(model).eval()
         ref.requires_grad_(False)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    metrics = out / "metrics.jsonl"
-    step = 0
-    if resume and existing:
-        step = resume_from(existing, model, optimizer, metrics)["step"]
-    elif metrics.exists():
-        metrics.unlink()
+    extra = run.restore(model, optimizer, resume)
+    step = extra["step"] if extra else 0
     updates_per_step = g.updates_per_batch * g.mini_batches
     total_updates = t.steps * updates_per_step
     eos = model.config.eos_token_id if builtin is not None else tokenizer.eos_id
@@ -292,10 +291,8 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
                     max_len=max_len)
     summary: dict[str, Any] = {}
     stop_at = t.steps if max_steps is None else min(t.steps, max_steps)
-    from tqdm import tqdm
-
-    bar = tqdm(total=t.steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True)
-    try:
+    device = model.lm_head.weight.device
+    with engine, run.progress("grpo", t.steps, step) as bar:
         while step < stop_at:
             rng = random.Random(t.seed * 1_000_003 + step)
             if builtin is not None:
@@ -313,26 +310,23 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
             ids, mask = batch_tensors(grouped, completions, pad)
             t1 = time.perf_counter()
             model.train()
-            with torch.no_grad():
+            with torch.no_grad(), autocast(t.dtype, device):
                 old = token_logprobs(model, ids, g.temperature)[0] if updates_per_step > 1 else None
                 ref_logp = token_logprobs(ref, ids, g.temperature)[0] if ref is not None else None
             losses, stats_sum, grad_norm, lr = [], {"kl": 0.0, "clip_frac": 0.0}, 0.0, 0.0
             order = torch.arange(ids.shape[0])
             for it in range(g.updates_per_batch):
                 for part in order.chunk(g.mini_batches):
-                    logp, aux = token_logprobs(model, ids[part], g.temperature)
+                    with autocast(t.dtype, device):
+                        logp, aux = token_logprobs(model, ids[part], g.temperature)
                     loss, stats = grpo_loss(logp, old[part] if old is not None else logp.detach(),
                                             ref_logp[part] if ref_logp is not None else None, adv[part], mask[part],
                                             epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
                                             loss_type=g.loss_type, max_completion_length=g.max_new_tokens)
                     (loss + (aux if aux is not None else 0.0)).backward()
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
                     k = step * updates_per_step + len(losses)
                     lr = t.lr * lr_factor(k, t.warmup_steps, total_updates, t.min_lr_ratio)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1, loss=loss.item())
                     losses.append(loss.item())
                     for key in stats_sum:
                         stats_sum[key] += stats[key] / updates_per_step
@@ -346,20 +340,8 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
                    "rollout_s": rollout_s, "update_s": update_s}
             summary.setdefault("first", row)
             summary["last"] = row
-            if step % t.log_every == 0 or step == stop_at:
-                log_metrics(metrics, row)
-            bar.update()
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
-            if step % t.ckpt_every == 0 or step == stop_at:
-                save_checkpoint(out, step, model, optimizer, {}, tokenizer_dir(config), t.keep_checkpoints)
-    finally:
-        engine.close()
-        bar.close()
-    if step == t.steps and t.export:  # the in-memory policy (export.py needs a tokenizer in the run's meta)
-        import dscoder
-
-        dscoder.save_model(model, out / "hf")
-        if tokenizer is not None:
-            tokenizer.save(out / "hf")
-        summary["export"] = str(out / "hf")
+            bar.update(reward=row["reward_mean"], kl=row["kl"])
+            run.end_step(step, stop_at, t, row, model, optimizer)
+    if step == t.steps and t.export:
+        summary["export"] = str(run.export())
     return summary

@@ -7,18 +7,22 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser, example: str) -> None:
-    p.add_argument("--config", required=True, help=f"a TOML recipe, e.g. {example}")
+    p.add_argument("--config", required=True,
+                   help=f"a TOML recipe file, e.g. {example}, or a packaged recipe's name ({Path(example).stem})")
     p.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoints/, the trained model)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's newest intact checkpoint (damaged ones are skipped with a warning)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides of the recipe, e.g. train.steps=100 data.path=chat.jsonl")
 
 
 def train_sft(args: argparse.Namespace) -> int:
-    from dscoder.train.sft import SFTData, SFTSection, load_recipe, sft
+    from dscoder.align.recipe import load_recipe
+    from dscoder.align.sft import SFTData, SFTSection, sft
 
     config = load_recipe(args.config, args.overrides, "sft", SFTData, SFTSection)
     s = sft(config, args.out, resume=args.resume)
@@ -31,8 +35,8 @@ def train_sft(args: argparse.Namespace) -> int:
 
 
 def train_reward(args: argparse.Namespace) -> int:
-    from dscoder.train.reward import RewardData, RewardSection, train_reward as run
-    from dscoder.train.sft import load_recipe
+    from dscoder.align.recipe import load_recipe
+    from dscoder.align.reward import RewardData, RewardSection, train_reward as run
 
     config = load_recipe(args.config, args.overrides, "reward", RewardData, RewardSection)
     s = run(config, args.out, resume=args.resume)
@@ -46,8 +50,8 @@ def train_reward(args: argparse.Namespace) -> int:
 
 
 def train_grpo(args: argparse.Namespace) -> int:
-    from dscoder.train.grpo import GRPOData, GRPOSection, grpo
-    from dscoder.train.sft import load_recipe
+    from dscoder.align.grpo import GRPOData, GRPOSection, grpo
+    from dscoder.align.recipe import load_recipe
 
     config = load_recipe(args.config, args.overrides, "grpo", GRPOData, GRPOSection)
     s = grpo(config, args.out, resume=args.resume)

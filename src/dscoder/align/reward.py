@@ -23,7 +23,6 @@ model is written to ``RUN/reward_model/`` (an HF checkpoint, its tokenizer and `
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -34,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dscoder.align.recipe import AlignConfig, build_policy, load_tokenizer, open_run, policy_config
 from dscoder.config import ModelConfig
 from dscoder.errors import ConfigError, DscoderError
+from dscoder.io import atomic_write, read_jsonl, write_json, write_jsonl
 from dscoder.model import DeepseekV2
-from dscoder.train.optim import build_optimizer
-from dscoder.train.sft import (AlignConfig, build_policy, load_tokenizer, log_metrics, optimizer_step,
-                               prepare_run, read_jsonl, resume_from, save_checkpoint)
-
+from dscoder.train.optim import build_optimizer, lr_factor
+from dscoder.train.run import TOKENIZER_DIR, autocast, check_context, optimizer_step
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
 
@@ -54,10 +53,14 @@ class RewardModel(DeepseekV2):
         self.score = nn.Linear(config.hidden_size, 1, bias=False)
 
     def rewards(self, ids_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+        return self.rewards_and_aux(ids_BT, lengths_B)[0]
+
+    def rewards_and_aux(self, ids_BT: torch.Tensor,
+                        lengths_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B]`` rewards and the forward pass's MoE balance loss (None without MoE layers or outside training)."""
         h_BTD, aux = self.hidden(ids_BT)
-        self.last_aux = aux
         last = h_BTD[torch.arange(ids_BT.shape[0], device=ids_BT.device), lengths_B - 1]
-        return self.score(last).squeeze(-1).float()
+        return self.score(last).squeeze(-1).float(), aux
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]], batch: int = 16) -> list[float]:
@@ -80,15 +83,16 @@ def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None) -> Path:
     import dscoder
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     lm, _, _ = DeepseekV2.from_state_dict(model.config, {k: v for k, v in model.state_dict().items()
                                                           if not k.startswith("score.")})
     dscoder.save_model(lm, directory)
-    save_file({"score.weight": model.score.weight.detach().float().contiguous()}, str(directory / HEAD_FILE))
-    (directory / META_FILE).write_text(json.dumps({"format": "dscoder-reward-model", "head": "score",
-                                                   "vocab_size": model.config.vocab_size}, indent=2))
+    with atomic_write(directory / HEAD_FILE, "wb") as f:
+        f.write(save({"score.weight": model.score.weight.detach().float().contiguous()}))
+    write_json(directory / META_FILE, {"format": "dscoder-reward-model", "head": "score",
+                                       "vocab_size": model.config.vocab_size})
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
@@ -302,20 +306,19 @@ def load_pairs(config: AlignConfig, tokenizer, model, out: Path) -> tuple[list[P
         sample_completions(model, tokenizer, rows, m.samples, m.temperature, m.max_new_tokens, config.train.seed)
     pairs, stats = execution_pairs(rows, tokenizer, Sandbox(Limits(timeout_s=m.sandbox_timeout)), d.max_len,
                                    m.max_pairs_per_problem)
-    with open(out / "pairs.jsonl", "w") as f:  # what was trained on, for inspection
-        for p in pairs:
-            f.write(json.dumps({"group": p.group, "chosen": tokenizer.decode(p.chosen),
-                                "rejected": tokenizer.decode(p.rejected)}) + "\n")
+    write_jsonl(out / "pairs.jsonl", ({"group": p.group, "chosen": tokenizer.decode(p.chosen),  # for inspection
+                                       "rejected": tokenizer.decode(p.rejected)} for p in pairs))
     return pairs, {"source": d.problems, **stats}
 
 
 def builtin_tokenizer(out: Path):
     from dscoder.tokenizer import Tokenizer
 
-    if not (out / "tokenizer" / "tokenizer.json").is_file():  # kept on resume
+    where = Path(out) / TOKENIZER_DIR
+    if not (where / "tokenizer.json").is_file():  # kept on resume
         texts = [r["prompt"] + c for r in builtin_problems() for c in r["completions"]] * 4
-        Tokenizer.train(texts, vocab_size=320).save(out / "tokenizer")
-    return Tokenizer.load(out / "tokenizer")
+        Tokenizer.train(texts, vocab_size=320).save(where)
+    return Tokenizer.load(where)
 
 
 def train_reward(config: AlignConfig, out: str | Path, resume: bool = False,
@@ -327,12 +330,13 @@ def train_reward(config: AlignConfig, out: str | Path, resume: bool = False,
                           "or \"builtin\"), one of them")
     if not 0 <= d.heldout_fraction < 1:
         raise ConfigError("data.heldout_fraction: expected a number in [0, 1)")
-    existing = prepare_run(out, config, resume)
     tokenizer = load_tokenizer(config, required=d.problems != "builtin")
-    if tokenizer is None:
+    run = open_run(config, out, resume, tokenizer)
+    if tokenizer is None:  # the built-in problems: a small BPE trained on them, kept in the run as its tokenizer
         tokenizer = builtin_tokenizer(out)
-        config.tokenizer = str((out / "tokenizer").resolve())
-    model = build_policy(config, tokenizer, model_cls=RewardModel)
+    mcfg = policy_config(config, tokenizer)
+    check_context(d.max_len, mcfg, "data.max_len")
+    model = build_policy(config, tokenizer, model_cls=RewardModel, mcfg=mcfg)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's")
     pairs, stats = load_pairs(config, tokenizer, model, out)
@@ -341,45 +345,41 @@ def train_reward(config: AlignConfig, out: str | Path, resume: bool = False,
         raise DscoderError(f"{stats['source']}: no preference pairs to train on (no problem has both a passing and "
                            f"a failing program)" if d.problems else f"{d.pairs}: no pairs")
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    metrics = out / "metrics.jsonl"
-    step, rng = 0, random.Random(t.seed)
-    if resume and existing:
-        step = resume_from(existing, model, optimizer, metrics)["step"]
-    elif metrics.exists():
-        metrics.unlink()
+    extra = run.restore(model, optimizer, resume)
+    step, rng = (extra["step"] if extra else 0), random.Random(t.seed)
     pad = tokenizer.pad_id
     summary: dict[str, Any] = {**stats, "train_pairs": len(train_pairs), "heldout_pairs": len(held)}
     if held:
         summary["heldout_accuracy_start"] = pairwise_accuracy(model, held, pad=pad)["accuracy"]
     stop = t.steps if max_steps is None else min(t.steps, max_steps)
-    while step < stop:
-        t0 = time.perf_counter()
-        rng.seed(t.seed * 1000003 + step)  # the batch depends on the step only, so resume is exact
-        loss_sum = acc_sum = 0.0
-        for _ in range(t.grad_accum):
-            chunk = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(t.micro_batch)]
-            ids, lengths, margins = pair_batch(chunk, pad)
-            r = model.rewards(ids, lengths)
-            rc, rr = r[:len(chunk)], r[len(chunk):]
-            loss = bradley_terry_loss(rc, rr, margins + m.margin, m.center)
-            aux = model.last_aux if model.last_aux is not None else torch.zeros(())
-            ((loss + aux) / t.grad_accum).backward()
-            loss_sum += loss.item() / t.grad_accum
-            acc_sum += (rc > rr).float().mean().item() / t.grad_accum
-        grad_norm, lr = optimizer_step(model, optimizer, step, t)
-        step += 1
-        row = {"step": step, "loss": loss_sum, "accuracy": acc_sum, "grad_norm": grad_norm, "lr": lr,
-               "seconds": time.perf_counter() - t0}
-        if held and ((m.eval_every and step % m.eval_every == 0) or step == t.steps):
-            ev = pairwise_accuracy(model, held, pad=pad)
-            row.update(heldout_accuracy=ev["accuracy"], heldout_margin=ev["reward_margin"])
-            summary["heldout_accuracy"] = ev["accuracy"]
-        summary.update(step=step, loss=loss_sum)
-        if step % t.log_every == 0 or step == stop:
-            log_metrics(metrics, row)
-        if step % t.ckpt_every == 0 or step == stop:
-            save_checkpoint(out, step, model, optimizer, {}, config.tokenizer and str(Path(config.tokenizer).resolve())
-                            or (config.model.init and str(Path(config.model.init).resolve())), t.keep_checkpoints)
+    with run.progress("reward", t.steps, step) as bar:
+        while step < stop:
+            t0 = time.perf_counter()
+            rng.seed(t.seed * 1000003 + step)  # the batch depends on the step only, so resume is exact
+            loss_sum = acc_sum = 0.0
+            for _ in range(t.grad_accum):
+                chunk = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(t.micro_batch)]
+                ids, lengths, margins = pair_batch(chunk, pad)
+                with autocast(t.dtype, model.score.weight.device):
+                    r, aux = model.rewards_and_aux(ids, lengths)
+                rc, rr = r[:len(chunk)], r[len(chunk):]
+                loss = bradley_terry_loss(rc, rr, margins + m.margin, m.center)
+                aux = aux if aux is not None else torch.zeros(())
+                ((loss + aux) / t.grad_accum).backward()
+                loss_sum += loss.item() / t.grad_accum
+                acc_sum += (rc > rr).float().mean().item() / t.grad_accum
+            lr = t.lr * lr_factor(step, t.warmup_steps, t.steps, t.min_lr_ratio)
+            grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1, loss=loss_sum)
+            step += 1
+            row = {"step": step, "loss": loss_sum, "accuracy": acc_sum, "grad_norm": grad_norm, "lr": lr,
+                   "seconds": time.perf_counter() - t0}
+            if held and ((m.eval_every and step % m.eval_every == 0) or step == t.steps):
+                ev = pairwise_accuracy(model, held, pad=pad)
+                row.update(heldout_accuracy=ev["accuracy"], heldout_margin=ev["reward_margin"])
+                summary["heldout_accuracy"] = ev["accuracy"]
+            summary.update(step=step, loss=loss_sum)
+            bar.update(loss=loss_sum)
+            run.end_step(step, stop, t, row, model, optimizer)
     if step == t.steps and t.export:
         summary["reward_model"] = str(save_reward_model(model, out / "reward_model", tokenizer))
     return summary
