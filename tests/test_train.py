@@ -234,6 +234,25 @@ def test_resume_skips_a_damaged_checkpoint_and_pruning_keeps_the_good_ones(data_
     assert err[-1].startswith("dscoder: error:") and "no intact checkpoint to resume from" in err[-1], err
 
 
+def test_checkpoint_from_before_manifests_resumes_with_a_warning(data_dir, tmp_path, capsys):
+    from dscoder.train import checkpoint as ckpt
+
+    cfg = _config(data_dir, "train.steps=4", "train.ckpt_every=2")
+    pretrain(cfg, tmp_path / "full")
+    run = tmp_path / "old"
+    pretrain(cfg, run, max_steps=2)
+    (run / "checkpoints" / "step-000002" / ckpt.MANIFEST).unlink()  # as an older dscoder wrote it
+    assert ckpt.verify(run / "checkpoints" / "step-000002") is None
+    capsys.readouterr()
+    pretrain(cfg, run, resume=True)
+    err = _messages(capsys)
+    assert len(err) == 1 and "resuming from it unverified" in err[0], err
+    assert _losses(run) == _losses(tmp_path / "full")
+    (run / "checkpoints" / "step-000004" / ckpt.MANIFEST).unlink()
+    (run / "checkpoints" / "step-000004" / ".metadata").unlink()  # without a manifest, what it must hold is checked
+    assert ckpt.verify(run / "checkpoints" / "step-000004") == ".metadata is missing"
+
+
 def test_nonfinite_loss_stops_the_run_before_saving_it(data_dir, tmp_path, capsys):
     import dscoder
     from dscoder.train import checkpoint as ckpt

@@ -133,8 +133,9 @@ def verify(path: Path, deep: bool = True) -> str | None:
         if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
                                                   for v in files.values()):
             raise ValueError
-    except FileNotFoundError:
-        return f"no {MANIFEST} (not written by a complete save)"
+    except FileNotFoundError:  # saved before checkpoints carried a manifest: only what it must hold is checked
+        missing = [name for name in REQUIRED if not (path / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
     for name in REQUIRED:
@@ -172,6 +173,8 @@ def latest_intact(run_dir: Path) -> Path | None:
     for path in reversed(found):
         problem = verify(path)
         if problem is None:
+            if not (path / MANIFEST).is_file():
+                warn(f"{path}: written without a {MANIFEST} (by an older dscoder); resuming from it unverified")
             return path
         first_problem = first_problem or f"{path.name}: {problem}"
         warn(f"{path}: damaged ({problem}); skipping it for an earlier checkpoint")
