@@ -257,7 +257,7 @@ def seccomp():
     """Install the candidate's filter (classic BPF over struct seccomp_data {int nr; u32 arch; u64 ip;
     u64 args[6]}): a foreign ABI kills the process, DENY answers EPERM. False on an architecture it does not know."""
     arch = os.uname().machine
-    if arch not in ARCHES:
+    if sys.platform != "linux" or arch not in ARCHES:
         return False
     audit, nr = ARCHES[arch]
     KILL, ALLOW, EPERM, ENOSYS = 0x80000000, 0x7FFF0000, 0x00050001, 0x00050026  # SECCOMP_RET_*
@@ -441,6 +441,14 @@ def where(exc, source):
     return " at tests line %d" % line + (": " + lines[line - 1].strip()[:200] if line <= len(lines) else "")
 
 
+# standard-library modules a test may use through the candidate's import of them (the checker imports its own);
+# others (antigravity, turtle, ...) have side effects on import and are not imported for the candidate
+MODULES = frozenset(("math", "cmath", "re", "string", "itertools", "functools", "collections", "heapq", "bisect",
+                     "operator", "statistics", "fractions", "decimal", "random", "datetime", "copy", "json", "hashlib",
+                     "struct", "array", "numbers", "typing", "textwrap", "unicodedata", "sys", "os", "time",
+                     "calendar", "enum", "dataclasses", "base64", "binascii", "zlib", "difflib"))
+
+
 def broken(checker):
     """(reason, verdict) for a run the candidate broke off or broke the rules of."""
     reason = checker.violation
@@ -489,7 +497,7 @@ def check(job, checker):
                 scope[name] = checker.proxy(name)
             elif info[0] == "v" and len(info) == 2:
                 scope[name] = info[1]
-            elif info[0] == "m" and type(info[1]) is str and info[1].split(".")[0] in sys.stdlib_module_names:
+            elif info[0] == "m" and type(info[1]) is str and info[1].split(".")[0] in MODULES:
                 __import__(info[1])
                 scope[name] = sys.modules[info[1]]
         if entry and entry not in scope:
@@ -541,7 +549,8 @@ def main(cfg):
     os.close(child_w)
     if cfg["isolation"] == "namespaces":
         drop(cfg["checker_uid"])
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # the candidate cannot read this process's memory or fds
+    if sys.platform == "linux":
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # the candidate cannot read this process's memory or fds
     job = decode(read_frame(0))
     try:
         ready = decode(read_frame(parent_r))
