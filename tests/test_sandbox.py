@@ -379,3 +379,13 @@ def test_a_sandbox_that_cannot_set_up_says_so(monkeypatch):
     monkeypatch.setattr(broken, "_config", lambda slot, expose: {**config(slot, expose), "expose": ["/nonexistent"]})
     result = broken.run("def f(x):\n    return x + 1\n", humaneval_call(CHECK_F))
     assert result.verdict == "sandbox_error" and result.reason.startswith("sandbox setup failed: ")
+
+
+@isolated
+def test_without_writable_cgroups_runs_keep_their_per_process_limits(monkeypatch):
+    monkeypatch.setattr(sandbox_module._Cgroups, "create", classmethod(lambda cls, limits, slots: None))
+    plain = Sandbox(Limits(timeout_s=5, memory_mb=256), workers=1)
+    assert plain.cgroups == "none"
+    assert plain.run("def f(x):\n    return x + 1\n", humaneval_call(CHECK_F)).passed
+    hog = plain.run("x = bytearray(400 << 20)\n", None)
+    assert hog.verdict == "runtime_error" and "MemoryError" in hog.reason
