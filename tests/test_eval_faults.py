@@ -13,7 +13,7 @@ from dscoder.cli import main
 from dscoder.errors import DscoderError
 from dscoder.eval.base import shown_program
 from dscoder.eval.run import evaluate, verdict
-from dscoder.eval.sandbox import Limits, RunResult
+from dscoder.eval.sandbox import Limits, RunResult, Sandbox
 from dscoder.eval.tasks import TASKS, fim, humaneval, load_task
 
 EVAL = Path(__file__).resolve().parents[1] / "src" / "dscoder" / "eval"
@@ -216,10 +216,18 @@ def test_reward_problems_follow_the_contract():
 
 @pytest.mark.skipif(not MBPP.exists(), reason="no shared MBPP data")
 def test_mbpp_program_contract():
-    p = load_task("mbpp", mbpp_path=MBPP)[0]
+    problems = {p.task_id: p for p in load_task("mbpp", mbpp_path=MBPP)}
+    p = problems["MBPP/11"]
     source, call = p.program(p.reference)
-    assert set(call) == {"tests"} and all(t in call["tests"] for t in p.data["test_list"])
+    assert set(call) == {"tests", "entry_point"} and call["entry_point"] == "remove_Occ"
+    assert all(t in call["tests"] for t in p.data["test_list"])
     assert not any(t in source for t in p.data["test_list"])
+    # MBPP/126's function is named `sum`: the tests must reach the candidate's, not the built-in
+    p = problems["MBPP/126"]
+    source, call = p.program(p.reference)
+    assert call["entry_point"] == "sum"
+    assert Sandbox().run(source, call).passed
+    assert not Sandbox().run("def sum(a, b):\n    return a + b\n", call).passed
 
 
 # ----- the registry ---------------------------------------------------------------------------------------------------

@@ -56,7 +56,25 @@ class MBPPProblem(Problem):
     def program(self, completion: str) -> tuple[str, dict]:
         code = _strip_code_block(completion.split("[DONE]")[0])
         tests = (self.data.get("test_setup_code") or "") + "\n" + "\n".join(self.data["test_list"]) + "\n"
-        return code + "\n", {"tests": tests}
+        call = {"tests": tests}
+        entry = _called_function(self.data["test_list"][0])
+        if entry:  # the one name the tests may take from the candidate although a built-in has it (MBPP/126: sum)
+            call["entry_point"] = entry
+        return code + "\n", call
+
+
+def _called_function(assert_line: str) -> str | None:
+    """The function an MBPP assert tests: the first called name that is not a built-in, else the first called."""
+    import ast
+    import builtins
+
+    try:
+        tree = ast.parse(assert_line.strip())
+    except SyntaxError:
+        return None
+    called = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    own = [name for name in called if not hasattr(builtins, name)]
+    return (own or called or [None])[0]
 
 
 def humaneval(style: str = "base") -> list[Problem]:
