@@ -199,10 +199,7 @@ def test_programs_keep_the_tests_apart_from_the_candidate():
 
 
 def test_reward_problems_follow_the_contract():
-    try:
-        from dscoder.align.reward import problem_from_row
-    except ImportError:  # before alignment moved into its own package
-        from dscoder.align.reward import problem_from_row
+    from dscoder.align.reward import problem_from_row
 
     he = problem_from_row({"prompt": "def f(x):\n", "test": "def check(c):\n    assert c(1) == 2\n",
                            "entry_point": "f"}, "row 1")
@@ -211,7 +208,8 @@ def test_reward_problems_follow_the_contract():
     mb = problem_from_row({"prompt": "Write f.", "test_list": ["assert f(1) == 2"], "test_setup_code": "import os"},
                           "row 2")
     source, call = mb.program("def f(x):\n    return x + 1\n[DONE]")
-    assert source == "def f(x):\n    return x + 1\n\n" and call == {"tests": "import os\nassert f(1) == 2\n"}
+    assert source == "def f(x):\n    return x + 1\n\n" and call == {"tests": "import os\nassert f(1) == 2\n",
+                                                                     "entry_point": "f"}
 
 
 @pytest.mark.skipif(not MBPP.exists(), reason="no shared MBPP data")
