@@ -33,7 +33,8 @@ def main() -> None:
 
     problems = read_problems()
     jobs = [(p["prompt"] + p["canonical_solution"],
-             {"tests": p["test"], "check": "check", "entry_point": p["entry_point"]}) for p in problems.values()]
+             {"tests": p["test"], "check": "check", "entry_point": p["entry_point"], "prelude": p["prompt"]})
+            for p in problems.values()]
     sandbox = Sandbox(Limits(timeout_s=10.0), isolation=args.isolation, workers=args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.jsonl"

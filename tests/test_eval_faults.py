@@ -191,7 +191,8 @@ def test_programs_keep_the_tests_apart_from_the_candidate():
     he, he_chat, fm = humaneval()[0], humaneval("instruct")[0], fim()[0]
     for p in (he, he_chat, fm):
         source, call = p.program(p.reference)
-        assert call == {"tests": p.data["test"], "check": "check", "entry_point": p.data["entry_point"]}
+        assert call == {"tests": p.data["test"], "check": "check", "entry_point": p.data["entry_point"],
+                        "prelude": p.data["prompt"]}  # the prompt's helpers are the checker's
         assert p.data["test"].strip() not in source and f"def {p.data['entry_point']}" in source
         shown = shown_program(source, call)
         assert shown.startswith(source.rstrip("\n")) and p.data["test"].strip() in shown

@@ -251,7 +251,7 @@ def test_first_generation_hostile_programs_are_contained(tmp_path):
     assert "hunter2-secret" not in results["read the environment"].stdout
     assert "MemoryError" in results["allocate without bound"].reason
     # no process of the sandbox uids survives a run (the fork bomb included)
-    uids = ",".join(str(base + i) for base in (61000, 62000) for i in range(8))
+    uids = ",".join(str(base + n) for base in (61000, 62000) for n in quick._numbers)
     assert subprocess.run(["pgrep", "-u", uids], capture_output=True).stdout == b""
 
 
@@ -389,3 +389,132 @@ def test_without_writable_cgroups_runs_keep_their_per_process_limits(monkeypatch
     assert plain.run("def f(x):\n    return x + 1\n", humaneval_call(CHECK_F)).passed
     hog = plain.run("x = bytearray(400 << 20)\n", None)
     assert hog.verdict == "runtime_error" and "MemoryError" in hog.reason
+
+
+# ----- the third generation: found by the red-team review ------------------------------------------------------------
+@pytest.mark.parametrize("isolation", LEVELS)
+def test_no_socket_reaches_outside_the_run(isolation, tmp_path):
+    """socketpair(AF_UNIX, SOCK_DGRAM) + sendto(path) reached a host datagram socket (as /dev/log is), AF_VSOCK is
+    not network-namespaced (the hypervisor's and the machine's vsock services), AF_NETLINK is kernel surface: all
+    refused; TCP/UDP sockets (the run's own network) and stream socketpairs still work."""
+    base = Path("/var/cache") if isolation == "namespaces" else tmp_path
+    d = base / f"dscoder-test-{secrets.token_hex(4)}"
+    d.mkdir()
+    d.chmod(0o1777)
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        host.bind(str(d / "dgram"))
+        (d / "dgram").chmod(0o777)
+        host.setblocking(False)
+        attack = ("import ctypes, socket\nlibc = ctypes.CDLL(None, use_errno=True)\nout = []\n"
+                  "try:\n    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                  f"    a.sendto(b'escaped', {str(d / 'dgram')!r})\n    out.append('sent')\n"
+                  "except OSError as e:\n    out.append('dgram pair %d' % e.errno)\n"
+                  "for family in (1, 16, 40, 38, 17):  # unix, netlink, vsock, alg, packet\n"
+                  "    for kind in (1, 2, 5):\n        fd = libc.socket(family, kind, 0)\n"
+                  "        out.append('%d %d' % (family, ctypes.get_errno() if fd < 0 else -1))\n"
+                  "a, b = socket.socketpair()\na.send(b'x')\nassert b.recv(1) == b'x'\n"
+                  "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\n"
+                  "socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()\nprint(' '.join(out))\n")
+        result = sandbox(isolation).run(attack, None)
+        assert result.passed, result.reason
+        out = result.stdout.split()
+        assert out[:3] == ["dgram", "pair", "1"], result.stdout
+        assert all(errno == "1" for errno in out[4::2]), result.stdout  # EPERM for every family and type
+        with pytest.raises(BlockingIOError):
+            host.recv(100)
+    finally:
+        host.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_prompts_helpers_are_the_checkers_own():
+    """HumanEval/32, /38 and /50 test the candidate through a helper of the prompt (poly, encode_cyclic,
+    encode_shift): a completion that redefined the helper passed without solving anything."""
+    from dscoder.eval.tasks import humaneval
+
+    problems = {p.task_id: p for p in humaneval()}
+    forged = {"HumanEval/38": "    return s\nencode_cyclic = lambda s: s\n",
+              "HumanEval/50": "    return s\nencode_shift = lambda s: s\n",
+              "HumanEval/32": "    return 0.0\npoly = lambda xs, x: 0.0\n"}
+    jobs = [problems[task].program(completion) for task, completion in forged.items()]
+    honest = [problems[task].program(problems[task].reference) for task in forged]
+    results = list(sandbox().run_many(jobs + honest))
+    assert [r.status for r in results] == ["failed"] * 3 + ["passed"] * 3, [r.reason for r in results]
+    # the same through the call itself: the prelude's names are the checker's, the entry point the candidate's
+    call = {"tests": "def check(candidate):\n    assert candidate(encode('abc')) == 'abc'\n", "check": "check",
+            "entry_point": "f", "prelude": "def encode(s):\n    return s[::-1]\ndef f(s):\n    pass\n"}
+    assert sandbox("process").run("encode = lambda s: s\ndef f(s):\n    return s\n", call).status == "failed"
+    assert sandbox("process").run("def f(s):\n    return s[::-1]\n", call).passed
+    missing = sandbox("process").run("x = 1\n", call)  # the prompt's stub of f does not stand in for it
+    assert missing.status == "failed" and "does not define f" in missing.reason
+    broken = sandbox("process").run("def f(s):\n    return s[::-1]\n", {**call, "prelude": "not python"})
+    assert broken.verdict == "sandbox_error" and broken.reason.startswith("the task's prelude failed: ")
+
+
+@isolated
+def test_top_level_files_and_host_ptys_are_out_of_reach():
+    """A file at the top of / (a container's metadata, a user's notes) read as itself, and opening /dev/ptmx made a
+    pty in the host's /dev/pts."""
+    secret = Path("/") / f"dscoder-test-{secrets.token_hex(4)}.txt"
+    try:
+        secret.write_text("the answers")
+        secret.chmod(0o644)
+    except OSError:
+        pytest.skip("cannot write at the top of /")
+    try:
+        fresh = Sandbox(Limits(timeout_s=5), workers=1)
+        probe = (f"import os\nprint(repr(open({str(secret)!r}).read()))\n"
+                 "try:\n    os.open('/dev/ptmx', os.O_RDWR)\n    print('pty')\n"
+                 "except OSError as e:\n    print('no pty')\n")
+        result = fresh.run(probe, None)
+    finally:
+        secret.unlink()
+    assert result.passed, result.reason
+    assert result.stdout.split() == ["''", "no", "pty"], result.stdout
+
+
+@isolated
+def test_a_run_gets_one_cpu():
+    """Forty setsid'd spinners (each its own scheduling autogroup) took the host's other work to 9% of its speed for
+    the run's whole timeout; a run's cgroup now caps it at one CPU."""
+    if sandbox().cgroups == "none":
+        pytest.skip("no writable cgroups")
+    probe = ("import os\nfor line in open('/proc/self/cgroup'):\n    _, names, path = line.strip().split(':', 2)\n"
+             "    if 'cpu' in names.split(',') or names == '':\n"
+             "        d = '/sys/fs/cgroup/' + ('cpu' if names else '') + path\n"
+             "        if os.path.exists(d + '/cpu.max'):\n            print(open(d + '/cpu.max').read().split())\n"
+             "        elif os.path.exists(d + '/cpu.cfs_quota_us'):\n"
+             "            print([open(d + '/cpu.cfs_quota_us').read().strip(),"
+             " open(d + '/cpu.cfs_period_us').read().strip()])\n")
+    result = sandbox().run(probe, None)
+    assert result.passed, result.reason
+    if not result.stdout.strip():
+        pytest.skip("no cpu controller")
+    quota, period = eval(result.stdout.strip().splitlines()[0])  # noqa: S307 (our own probe's list of two strings)
+    assert quota == period == str(sandbox_module.CPU_PERIOD_US), result.stdout
+
+
+@isolated
+def test_two_sandboxes_never_share_a_uid():
+    """Two sandboxes (two GRPO ranks, an eval beside training) used the same uids: a fork bomb in one made an honest
+    run of the other fail (the uid's process limit) and wait for the bomb's processes to be gone."""
+    import threading
+
+    a = Sandbox(Limits(timeout_s=3, max_processes=16), workers=1)
+    b = Sandbox(Limits(timeout_s=5, max_processes=16), workers=1)
+    assert not set(a._numbers) & set(b._numbers)
+    bomb = ("import os, time\nfor i in range(64):\n    try:\n        if os.fork() == 0:\n            time.sleep(60)\n"
+            "    except OSError:\n        pass\ntime.sleep(60)\n")
+    done = []
+    worker = threading.Thread(target=lambda: done.append(a.run(bomb, None)))
+    worker.start()
+    uids = ",".join(str(61000 + n) for n in a._numbers)
+    for _ in range(300):  # until the bomb's processes are there (bounded: the run times out after 3 s)
+        if len(subprocess.run(["pgrep", "-u", uids], capture_output=True).stdout.split()) >= 8 or done:
+            break
+        threading.Event().wait(0.01)
+    honest = b.run("import subprocess\nassert subprocess.run(['true']).returncode == 0\n", None)
+    worker.join()
+    assert done[0].status == "timeout"
+    assert honest.passed and honest.seconds < 2, (honest.reason, honest.seconds)

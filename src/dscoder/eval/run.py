@@ -230,7 +230,7 @@ def score(spec: Task, problems: list[Problem], completions: dict[str, list[str]]
                                                          unit=" samples", mininterval=1.0, disable=not jobs):
         rows[(p.task_id, i)] = {"task_id": p.task_id, "sample": i, "completion": completion,
                                 "program": shown_program(source, call),
-                                "call": {k: v for k, v in call.items() if k != "tests"},
+                                "call": {k: v for k, v in call.items() if k not in ("tests", "prelude")},
                                 "passed": result.passed, "verdict": verdict(result, call),
                                 "metrics": p.metrics(completion), "reason": result.reason,
                                 "seconds": round(result.seconds, 3)}

@@ -5,6 +5,10 @@ What runs (``Sandbox.run(source, call)``):
 ``call = {"tests": TESTS, "check": "check", "entry_point": NAME}`` (HumanEval style)
   the candidate process runs ``source``; the checker runs ``TESTS`` (which defines ``check``) and then
   ``check(<NAME>)``. Every call of a candidate function crosses a pipe as plain data (see below).
+``"prelude": CODE`` (optional, with ``"tests"``)
+  trusted code of the task (HumanEval's prompt) the checker runs in the tests' scope first: the names it defines
+  (helpers such as ``poly`` or ``encode_cyclic`` that the tests call, its imports) are the checker's own, never the
+  candidate's, except the entry point.
 ``call = {"tests": TESTS}`` (MBPP style; an optional ``"entry_point"``)
   ``TESTS`` is statements (setup code and ``assert f(...) == ...`` lines) run by the checker; each name they use
   but do not define, and that is not a built-in (the entry point may be), is the candidate's top-level object of
@@ -76,18 +80,24 @@ from pathlib import Path
 from dscoder.errors import DscoderError
 from dscoder.eval import sandbox_driver as driver
 
-_UID_BASE = 61000  # candidate uids: 61000 + slot
-_CHECKER_UID_BASE = 62000  # checker uids: 62000 + slot
+_UID_BASE = 61000  # candidate uids: 61000 + the slot's number
+_CHECKER_UID_BASE = 62000  # checker uids: 62000 + the slot's number
+# slot numbers are reserved machine-wide (a lock file each, held while the Sandbox lives), so two sandboxes (two
+# GRPO ranks, an eval beside a training run) never share a uid: runs of one uid share its process count, and a
+# hostile run could make another's fork fail and its reward drop
+_SLOT_NUMBERS = 1000
+_SLOT_LOCKS = ("/run/lock", "/dev/shm", tempfile.gettempdir())
 # A run sees the system's top-level directories (read-only); every other one (/home, /root, /run, /mnt, /opt, /srv,
 # a project checkout such as /work, ...) and HIDDEN are behind an empty read-only tmpfs (host sockets, users' files,
 # datasets); /tmp, /var/tmp and /dev/shm get a fresh writable tmpfs each; SITE_PACKAGES of the visible interpreters
 # are masked too (runs use -S: the standard library only, and no installed benchmark data with its answers).
 SYSTEM = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "sys", "tmp", "var")
-HIDDEN = ("/run", "/var/run", "/var/lock")
+HIDDEN = ("/run", "/var/run", "/var/lock", "/dev/pts")  # /dev/pts: opening /dev/ptmx would make a host pty
 SCRATCH = {"/tmp": "64m", "/var/tmp": "16m", "/dev/shm": "16m"}
 SITE_PACKAGES = ("lib/python3*/site-packages", "lib/python3*/dist-packages", "lib/python3/dist-packages",
                  "lib64/python3*/site-packages")
 
+CPU_PERIOD_US = 100_000  # with cgroups, a run gets one CPU's time: quota = period
 _DRIVER = (Path(__file__).with_name("sandbox_driver.py")).read_text(encoding="utf-8")
 
 
@@ -140,15 +150,20 @@ class Sandbox:
         elif self.isolation not in ("namespaces", "process"):
             raise DscoderError(f"unknown sandbox isolation '{self.isolation}' (auto, namespaces or process)")
         self.workers = self.workers or os.cpu_count() or 1
+        count = max(self.workers, 1) * 2
         self._slots: queue.Queue[int] = queue.Queue()
-        for slot in range(max(self.workers, 1) * 2):
+        for slot in range(count):
             self._slots.put(slot)
+        self._numbers, self._locks = _reserve_slots(count) if self.isolation == "namespaces" \
+            else (list(range(count)), [])
         self._cgroups = _Cgroups.create(self.limits, max(self.workers, 1) * 2) \
             if self.isolation == "namespaces" else None
         self._launchers: dict[int, _Launcher] = {}
         self._hide = _hidden_dirs() if self.isolation == "namespaces" else []
         self._mask = _site_packages() if self.isolation == "namespaces" else []
-        weakref.finalize(self, _shutdown, self._launchers, self._cgroups.all_dirs() if self._cgroups else [])
+        self._files = _top_files() if self.isolation == "namespaces" else []
+        weakref.finalize(self, _shutdown, self._launchers, self._cgroups.all_dirs() if self._cgroups else [],
+                         self._locks)
 
     @property
     def cgroups(self) -> str:
@@ -184,6 +199,8 @@ class Sandbox:
             job["entry_point"] = str(call["entry_point"])
         if call.get("check"):
             job["check"] = str(call["check"])
+        if call.get("prelude"):
+            job["prelude"] = str(call["prelude"])
         return job, []
 
     def _command_job(self, nonce: str, program: str, call: dict) -> tuple[dict, list[str]]:
@@ -204,7 +221,8 @@ class Sandbox:
         lim = self.limits
         cfg = {"isolation": self.isolation, "memory": lim.memory_mb << 20,
                "cpu": int(lim.timeout_s) + 2, "fsize": lim.file_mb << 20, "nofile": lim.open_files,
-               "nproc": lim.max_processes, "uid": _UID_BASE + slot, "checker_uid": _CHECKER_UID_BASE + slot}
+               "nproc": lim.max_processes, "uid": _UID_BASE + self._numbers[slot],
+               "checker_uid": _CHECKER_UID_BASE + self._numbers[slot]}
         if self.isolation == "namespaces":
             prefix = Path(sys.base_prefix).resolve()  # the interpreter's, if the run's uids could not reach it
             if self._hidden(prefix) or _private_ancestor(prefix):
@@ -215,7 +233,7 @@ class Sandbox:
                 if top and not _under(top, hide):
                     hide.append(top)
             mask = [m for m in self._mask if not _under(m, [*hide, *SCRATCH]) or _under(m, expose)]
-            cfg.update(expose=expose, hide=hide, mask=mask,
+            cfg.update(expose=expose, hide=hide, mask=mask, mask_files=self._files,
                        scratch=[[p, s] for p, s in SCRATCH.items() if os.path.isdir(p)])
         return cfg
 
@@ -240,7 +258,7 @@ class Sandbox:
                         except _LauncherGone:
                             timed_out, returncode = False, None
                             verdict = ("error", "sandbox error: the slot's launcher died before it started the run")
-                    _wait_uid_gone(_UID_BASE + slot)  # the kernel tears the PID namespace down
+                    _wait_uid_gone(_UID_BASE + self._numbers[slot])  # the kernel tears the PID namespace down
                 else:
                     scratch = private / "scratch"
                     scratch.mkdir()
@@ -385,7 +403,8 @@ class _Cgroups:
         memory, swap = str(limits.memory_mb << 20), str(limits.memory_mb << 20)
         tasks = str(limits.max_processes + 8)  # + the driver, the checker and their threads
         v1 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/pids")
-        _remove_stale_cgroups([*v1, Path("/sys/fs/cgroup")])
+        cpu = Path("/sys/fs/cgroup/cpu")  # optional: one CPU's time per run (else setsid'd spinners starve the host)
+        _remove_stale_cgroups([*v1, cpu, Path("/sys/fs/cgroup")])
         made: list[Path] = []
         try:
             if all((root / "cgroup.procs").exists() for root in v1):
@@ -399,17 +418,18 @@ class _Cgroups:
                     if (mem / "memory.memsw.limit_in_bytes").exists():
                         (mem / "memory.memsw.limit_in_bytes").write_text(swap)
                     (pids / "pids.max").write_text(tasks)
-                    dirs.append([mem, pids])
-                return cls("v1", dirs, "memory.oom_control", [root / name for root in v1])
+                    dirs.append([mem, pids, *_cpu_v1(cpu / name / f"slot{slot}", made)])
+                return cls("v1", dirs, "memory.oom_control", [root / name for root in (*v1, cpu)])
             root = Path("/sys/fs/cgroup")
             controllers = (root / "cgroup.controllers").read_text().split() \
                 if (root / "cgroup.controllers").exists() else []
             if "memory" in controllers and "pids" in controllers:
-                (root / "cgroup.subtree_control").write_text("+memory +pids")
+                wanted = "+memory +pids" + (" +cpu" if "cpu" in controllers else "")
+                (root / "cgroup.subtree_control").write_text(wanted)
                 parent = root / name
                 parent.mkdir()
                 made.append(parent)
-                (parent / "cgroup.subtree_control").write_text("+memory +pids")
+                (parent / "cgroup.subtree_control").write_text(wanted)
                 dirs = []
                 for slot in range(slots):
                     d = parent / f"slot{slot}"
@@ -419,6 +439,8 @@ class _Cgroups:
                     if (d / "memory.swap.max").exists():
                         (d / "memory.swap.max").write_text("0")
                     (d / "pids.max").write_text(tasks)
+                    if (d / "cpu.max").exists():
+                        (d / "cpu.max").write_text(f"{CPU_PERIOD_US} {CPU_PERIOD_US}")
                     dirs.append([d])
                 return cls("v2", dirs, "memory.events", [parent])
         except OSError:
@@ -437,6 +459,22 @@ class _Cgroups:
         except (OSError, ValueError):
             pass
         return 0
+
+
+def _cpu_v1(d: Path, made: list[Path]) -> list[Path]:
+    """A slot's cgroup in the v1 ``cpu`` hierarchy, capped at one CPU; none where that hierarchy is not writable
+    (the memory and task limits hold without it)."""
+    if not (d.parent.parent / "cgroup.procs").exists():
+        return []
+    try:
+        d.mkdir(parents=True)
+        made.append(d)
+        (d / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        (d / "cpu.cfs_quota_us").write_text(str(CPU_PERIOD_US))
+        return [d]
+    except OSError:
+        _remove_cgroups([d, d.parent] if d.exists() else [d.parent])
+        return []
 
 
 class _LauncherGone(Exception):
@@ -467,10 +505,46 @@ class _Launcher:
         self.proc.wait()
 
 
-def _shutdown(launchers: dict[int, _Launcher], cgroup_dirs: list[Path]) -> None:
+def _shutdown(launchers: dict[int, _Launcher], cgroup_dirs: list[Path], locks: list[int]) -> None:
     for launcher in launchers.values():
         launcher.kill()
     _remove_cgroups(cgroup_dirs)
+    for fd in locks:
+        os.close(fd)
+
+
+def _reserve_slots(count: int) -> tuple[list[int], list[int]]:
+    """``count`` slot numbers no other Sandbox on this machine holds, and the locked files that hold them (the kernel
+    drops the locks of a process that dies)."""
+    import fcntl
+
+    for parent in _SLOT_LOCKS:
+        folder = os.path.join(parent, "dscoder-sandbox-slots")
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            st = os.lstat(folder)
+            if st.st_uid == os.geteuid() and not st.st_mode & 0o022 and os.path.isdir(folder) \
+                    and not os.path.islink(folder):
+                break
+        except OSError:
+            continue
+    else:
+        raise DscoderError("sandbox: no private directory for its slot locks (tried " + ", ".join(_SLOT_LOCKS) + ")")
+    numbers, locks = [], []
+    for n in range(_SLOT_NUMBERS):
+        fd = os.open(os.path.join(folder, f"slot{n}"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        numbers.append(n)
+        locks.append(fd)
+        if len(numbers) == count:
+            return numbers, locks
+    for fd in locks:
+        os.close(fd)
+    raise DscoderError(f"sandbox: fewer than {count} of the machine's {_SLOT_NUMBERS} worker slots are free")
 
 
 def _kill(pid: int) -> None:
@@ -558,6 +632,19 @@ def _under(path: str, dirs) -> bool:
 def _hidden_dirs() -> list[str]:
     tops = [f"/{name}" for name in sorted(os.listdir("/")) if name not in SYSTEM]
     return [p for p in dict.fromkeys((*tops, *HIDDEN)) if os.path.isdir(p) and not os.path.islink(p)]
+
+
+def _top_files() -> list[str]:
+    """What sits at the top of / and is neither a directory nor a link (a container's metadata, a user's notes, a
+    socket): masked like the hidden directories."""
+    found = []
+    for entry in os.scandir("/"):
+        try:
+            if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
+                found.append(entry.path)
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def _site_packages() -> list[str]:

@@ -170,7 +170,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 # Linux constants (uapi headers)
 AT_FDCWD, AT_EMPTY_PATH, AT_RECURSIVE, O_CLOEXEC = -100, 0x1000, 0x8000, 0o2000000
 OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, MOUNT_ATTR_RDONLY = 1, 4, 1
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 14, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 12, 1 << 14, 1 << 18
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 4, 22, 38, 2
@@ -181,22 +181,25 @@ ARCHES = {
         add_key=248, request_key=249, keyctl=250, bpf=321, ptrace=101, process_vm_readv=310, process_vm_writev=311,
         kcmp=312, perf_event_open=298, userfaultfd=323, io_uring_setup=425, io_uring_enter=426,
         io_uring_register=427, open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-        mount_setattr=442, socket=41)),
+        mount_setattr=442, socket=41, socketpair=53)),
     "aarch64": (0xC00000B7, dict(
         unshare=97, setns=268, clone=220, clone3=435, mount=40, umount2=39, pivot_root=41, chroot=51,
         add_key=217, request_key=218, keyctl=219, bpf=280, ptrace=117, process_vm_readv=270, process_vm_writev=271,
         kcmp=272, perf_event_open=241, userfaultfd=282, io_uring_setup=425, io_uring_enter=426,
         io_uring_register=427, open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-        mount_setattr=442, socket=198)),
+        mount_setattr=442, socket=198, socketpair=199)),
 }
-# refused with EPERM (clone only with a CLONE_NEW* flag, socket only for AF_UNIX; clone3 gets ENOSYS)
+# refused with EPERM (clone only with a CLONE_NEW* flag; socket for every family but AF_INET and AF_INET6, whose
+# network is the run's own: AF_UNIX reaches the host's socket files, AF_VSOCK is not namespaced and reaches the
+# machine's hypervisor and other guests, AF_NETLINK and the rest are kernel attack surface; socketpair of
+# SOCK_DGRAM, whose sendto can name a host socket file; clone3 gets ENOSYS)
 DENY = ("unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "add_key", "request_key", "keyctl", "bpf",
         "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "perf_event_open", "userfaultfd",
         "io_uring_setup", "io_uring_enter", "io_uring_register", "open_tree", "move_mount", "fsopen", "fsconfig",
         "fsmount", "fspick", "mount_setattr")
 CLONE_NEW_ANY = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID
                  | CLONE_NEWNET)
-AF_UNIX = 1
+AF_INET, AF_INET6, SOCK_DGRAM, SOCK_TYPE_MASK = 2, 10, 2, 0xF
 
 
 def fail(what):
@@ -221,8 +224,8 @@ def mount(src, target, fstype, flags, data):
 def setup(cfg):
     """The run's filesystem view (as root, in its new mount namespace): every mount read-only; fresh tmpfs on the
     scratch directories; empty read-only tmpfs over the hidden ones; the interpreter and tools re-exposed read-only
-    at their own paths; empty read-only tmpfs over the masked ones (site-packages); a /proc of the new PID
-    namespace; the working directory /tmp/work."""
+    at their own paths; empty read-only tmpfs over the masked ones (site-packages); /dev/null (read-only, as /dev
+    is) over the files at the top of /; a /proc of the new PID namespace; the working directory /tmp/work."""
     trees = []
     for path in cfg["expose"]:  # detached read-only copies, attached again once their parents are hidden
         fd = syscall("open_tree", ctypes.c_int(AT_FDCWD), path.encode(),
@@ -247,6 +250,8 @@ def setup(cfg):
         set_readonly(AT_FDCWD, path.encode(), 0)
     for path in cfg["mask"]:
         mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, b"size=4k")
+    for path in cfg.get("mask_files", ()):  # files (and sockets) at the top of / read as empty
+        mount(b"/dev/null", path.encode(), None, MS_BIND, None)
     mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     os.mkdir("/tmp/work")
     os.chown("/tmp/work", cfg["uid"], cfg["uid"])
@@ -261,8 +266,9 @@ def seccomp():
         return False
     audit, nr = ARCHES[arch]
     KILL, ALLOW, EPERM, ENOSYS = 0x80000000, 0x7FFF0000, 0x00050001, 0x00050026  # SECCOMP_RET_*
-    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
-    NR, ARCH, ARG0 = 0, 4, 16  # offsets in seccomp_data (ARG0: the low half of args[0], little-endian)
+    LD, JEQ, JGE, JSET, AND, RET = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K,
+    # BPF_ALU|AND|K, BPF_RET|K
+    NR, ARCH, ARG0, ARG1 = 0, 4, 16, 24  # offsets in seccomp_data (ARGn: the low half of args[n], little-endian)
     prog = [(LD, 0, 0, ARCH), (JEQ, 1, 0, audit), (RET, 0, 0, KILL), (LD, 0, 0, NR)]
     if arch == "x86_64":
         prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, KILL)]  # the x32 ABI's numbers
@@ -271,8 +277,10 @@ def seccomp():
     prog += [(JEQ, 0, 1, nr["clone3"]), (RET, 0, 0, ENOSYS),
              (JEQ, 0, 4, nr["clone"]), (LD, 0, 0, ARG0), (JSET, 0, 1, CLONE_NEW_ANY), (RET, 0, 0, EPERM),
              (RET, 0, 0, ALLOW),
-             (JEQ, 0, 4, nr["socket"]), (LD, 0, 0, ARG0), (JEQ, 0, 1, AF_UNIX), (RET, 0, 0, EPERM),
-             (RET, 0, 0, ALLOW),
+             (JEQ, 0, 5, nr["socket"]), (LD, 0, 0, ARG0), (JEQ, 2, 0, AF_INET), (JEQ, 1, 0, AF_INET6),
+             (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW),
+             (JEQ, 0, 5, nr["socketpair"]), (LD, 0, 0, ARG1), (AND, 0, 0, SOCK_TYPE_MASK), (JEQ, 0, 1, SOCK_DGRAM),
+             (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW),
              (RET, 0, 0, ALLOW)]
 
     class Filter(ctypes.Structure):
@@ -486,6 +494,14 @@ def check(job, checker):
         # a built-in name stays the checker's own (a candidate cannot redefine len), except the entry point's
         wanted = tuple(sorted(n for n in wanted if n == entry or not hasattr(builtins, n)))
         scope = {"__name__": "__main__", "__builtins__": builtins}
+        if job.get("prelude"):  # the task's own code (HumanEval's prompt): its helpers are the checker's, so a
+            # candidate that redefines encode_cyclic or poly cannot change what the tests compare against
+            try:
+                exec(compile(job["prelude"], "prelude.py", "exec"), scope)
+            except Exception as e:  # the task's fault, not the candidate's
+                return "the task's prelude failed: " + type(e).__name__ + ": " + str(e)[:300], "sandbox_error"
+            scope.pop(entry, None)  # the prompt's stub of it
+            wanted = tuple(n for n in wanted if n == entry or n not in scope)
         found = checker.ask(("names", wanted))
         if type(found) is not dict:
             checker.fail_hard("the candidate sent a malformed reply")
@@ -521,8 +537,10 @@ def main(cfg):
             setup(cfg)
         for res, value in ((resource.RLIMIT_AS, cfg["memory"]), (resource.RLIMIT_CPU, cfg["cpu"]),
                            (resource.RLIMIT_FSIZE, cfg["fsize"]), (resource.RLIMIT_NOFILE, cfg["nofile"]),
-                           (resource.RLIMIT_CORE, 0)):
-            resource.setrlimit(res, (value, value))
+                           (resource.RLIMIT_CORE, 0), (getattr(resource, "RLIMIT_RTPRIO", None), 0),
+                           (getattr(resource, "RLIMIT_NICE", None), 0)):
+            if res is not None:  # no real-time scheduling, no raised priority (a harness may have either)
+                resource.setrlimit(res, (value, value))
         child_r, parent_w = os.pipe()  # checker → candidate
         parent_r, child_w = os.pipe()  # candidate → checker
     except BaseException as e:

@@ -33,8 +33,9 @@ MBPP_TEST_IDS = range(11, 511)
 
 
 def _check_call(data: dict) -> dict:
-    """HumanEval's tests: ``check(candidate)`` defined in ``data["test"]``, called with the entry point."""
-    return {"tests": data["test"], "check": "check", "entry_point": data["entry_point"]}
+    """HumanEval's tests: ``check(candidate)`` defined in ``data["test"]``, called with the entry point; the prompt
+    is the checker's prelude, so the helpers the tests call (``poly``, ``encode_cyclic``) are the prompt's own."""
+    return {"tests": data["test"], "check": "check", "entry_point": data["entry_point"], "prelude": data["prompt"]}
 
 
 @dataclass
