@@ -174,11 +174,15 @@ FORGERIES = {
     "os._exit before the checks": ("import os\ndef f(x):\n    return None\nos._exit(0)\n", "exited before"),
     "shadow a builtin the tests use": ("def f(x):\n    return None\nabs = lambda *a: 0\nlen = lambda *a: 0\n", ""),
     "raise the exception a test forgives": ("class Yes:\n    pass\ndef f(x):\n    return Yes()\n", "not a plain value"),
+    # raised in the checker as itself, StopIteration ended the test's map()/zip() loop before any assert ran
+    "StopIteration ends the test's loop": ("def f(x):\n    raise StopIteration\n", "CandidateError: StopIteration"),
 }
 FORGERY_TESTS = {
     "shadow a builtin the tests use": "def check(candidate):\n    assert abs(len(candidate(1)) - 1) == 0\n",
     "raise the exception a test forgives": "def check(candidate):\n    try:\n        candidate(1)\n"
                                            "    except Exception:\n        pass\n",
+    "StopIteration ends the test's loop": "def check(candidate):\n    for got, want in zip(map(candidate, [1]), [2]):\n"
+                                          "        assert got == want\n",
 }
 
 

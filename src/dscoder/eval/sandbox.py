@@ -26,8 +26,9 @@ and serves calls: the checker sends ``(name, args, kwargs)`` and gets back the r
 plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset; size and depth bounded;
 decoded by a strict decoder, never pickle or eval; a subclass of these crosses as its plain value, without its
 methods). Anything else the candidate returns, or a decoding error, fails the run whatever the tests do with it; a
-candidate exception is raised in the checker as the built-in exception of that name (other types as
-``CandidateError``). The verdict is the nonce, written by the checker on its own pipe to the host; the candidate's
+candidate exception is raised in the checker as the built-in exception of that name (other types, and
+StopIteration, which would end a test's ``map`` loop unseen, as ``CandidateError``). The verdict is the nonce, written
+by the checker on its own pipe to the host; the candidate's
 stdout and stderr are separate capped files, so nothing the candidate prints can pass a run.
 
 Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces one):
@@ -38,21 +39,24 @@ Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces on
   whole filesystem view read-only (``mount_setattr`` recursive on ``/``) with fresh tmpfs on ``/tmp`` (the working
   directory), ``/var/tmp`` and ``/dev/shm``, and empty read-only tmpfs over every top-level directory but the
   system's (``/home``, ``/root``, ``/run``, ``/opt``, a checkout, …: host unix sockets, users' files and projects
-  live there) and over the interpreters' site-packages; the interpreter (and command-mode tools) re-exposed
-  read-only at their own paths; a fresh ``/proc``. The candidate runs as uid 61000 + slot, the checker
-  as uid 62000 + slot, both without groups, capabilities or new privileges; the checker is not dumpable, so the
-  candidate cannot read or trace it. A cgroup per worker slot (v1 ``memory``+``pids`` or v2 with both
-  controllers, where writable) caps the memory (swap included) and the number of tasks of the whole run; an OOM
-  kill is reported as "memory limit". Where no cgroup is writable, only the per-process limits below hold.
+  live there), over ``/dev/pts`` (no host ptys) and over the interpreters' site-packages; ``/dev/null`` over the
+  files at the top of ``/``; the interpreter (and command-mode tools) re-exposed read-only at their own paths; a
+  fresh ``/proc``. The candidate runs as uid 61000 + n, the checker as uid 62000 + n, n the slot's number
+  (reserved machine-wide, so no two sandboxes share a uid), both without groups, capabilities or new
+  privileges; the checker is not dumpable, so the candidate cannot read or trace it. A cgroup per worker slot (v1
+  ``memory``+``pids`` or v2 with both controllers, where writable; ``cpu`` too where there) caps the memory (swap
+  included), the number of tasks and (with ``cpu``) the CPU time to one CPU of the whole run; an OOM kill is
+  reported as "memory limit". Where no cgroup is writable, only the per-process limits below hold.
 ``process`` (anything else): the same checker split and limits in a scratch directory, without namespaces, uids or
   cgroups; the program can read and write what the user can and reach the network (and, running as the same user
   as the harness, could forge a verdict through ``/proc``). Use it only for trusted code.
 
 Both levels: a seccomp filter on the candidate (x86-64 and aarch64) refuses namespaces (``unshare``, ``setns``,
 ``clone`` with a ``CLONE_NEW*`` flag; ``clone3`` answers ENOSYS so libc falls back to ``clone``), mounts, keyrings,
-``bpf``, ``ptrace``, ``process_vm_*``, ``perf_event_open``, ``userfaultfd``, ``io_uring`` and unix-domain sockets,
-and kills a process that calls in another ABI; per-process limits (address space, CPU time, processes of its uid,
-file size, open files, no core files); a wall-clock timeout enforced from outside (killing the namespace's first
+``bpf``, ``ptrace``, ``process_vm_*``, ``perf_event_open``, ``userfaultfd``, ``io_uring``, sockets of any family
+but AF_INET and AF_INET6 (unix, vsock, netlink, ...) and datagram socketpairs, and kills a process that calls in
+another ABI; per-process limits (address space, CPU time, processes of its uid, file size, open files, no core
+files, no real-time or raised priority); a wall-clock timeout enforced from outside (killing the namespace's first
 process kills everything in it); output capped; an environment of ``PATH``, ``HOME``, ``LANG`` only.
 """
 
