@@ -73,6 +73,91 @@ print(len(names))
     assert int(proc.stdout) > 40
 
 
+def _import_graph(level: int) -> dict[str, set[str]]:
+    """dscoder's modules and the dscoder modules each imports, anywhere in its text (at the top or inside a
+    function: a deferred import still ties the two together), cut to the first ``level`` name parts
+    (``dscoder.train.run`` at level 2 is ``dscoder.train``); a package's ``__init__`` is the package."""
+    import ast
+
+    root = Path(dscoder.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ("dscoder",) + path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str:  # the module a dotted name lives in (``dscoder.io.write_json`` -> dscoder.io)
+        while name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    def cut(name: str) -> str:
+        return ".".join(name.split(".")[:level])
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target == "dscoder" or target.startswith("dscoder."):
+                    graph.setdefault(cut(name), set()).add(cut(owner(target)))
+        graph.setdefault(cut(name), set())
+    return {k: v - {k} for k, v in graph.items()}
+
+
+@pytest.mark.parametrize("level", [9, 2], ids=["modules", "packages"])
+def test_no_import_cycles(level):
+    """No module imports one that imports it back, directly or round a circle, and no package does (so the
+    layers stay layers: model <- engine <- serve, train <- align, ...). Python tolerates many cycles at run time;
+    this reads the source, so a cycle fails here even when the order of imports happens to work."""
+    import graphlib
+
+    graph = _import_graph(level)
+    assert len(graph) > (40 if level > 2 else 10)
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle: {' -> '.join(e.args[1])}")
+
+
+def test_library_calls_leave_global_state_alone(tiny_checkpoint):
+    """Building or loading a model and opening an engine change nothing process-wide: the caller's random stream,
+    dynamo's recompile limit, the thread count, the warning filters and the environment stay as they were."""
+    import warnings
+
+    import torch
+    import torch._dynamo.config as dynamo_config
+
+    from dscoder.engine import Engine
+    from dscoder.model.moe import grouped_mm_works
+
+    grouped_mm_works.cache_clear()  # the first forward's one-off probe is part of what is checked
+
+    def state():
+        return (dynamo_config.recompile_limit, torch.get_num_threads(), list(warnings.filters), dict(os.environ))
+
+    before = state()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    a = dscoder.load_model("tiny")  # seeded weights (seed=0) ...
+    b = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=0)
+    with Engine(tiny_checkpoint) as engine:
+        engine.generate("def f(x):", max_tokens=2)
+    assert torch.equal(torch.rand(4), expected)  # ... drawn without touching the caller's generator
+    assert torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+    assert state() == before
+
+
 def test_recipes_by_file_or_packaged_name(tmp_path, monkeypatch):
     from dscoder.errors import ConfigError
     from dscoder.recipes import recipe_names, recipe_path

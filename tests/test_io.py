@@ -6,7 +6,7 @@ import os
 import pytest
 
 from dscoder.errors import DscoderError
-from dscoder.io import atomic_write, iter_jsonl, read_jsonl, write_json
+from dscoder.io import atomic_path, atomic_write, iter_jsonl, read_jsonl, write_json
 
 
 def test_jsonl_errors_name_the_line(tmp_path):
@@ -46,3 +46,18 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert os.listdir(p.parent) == ["x.json"]  # no temporary left behind
     with pytest.raises(DscoderError, match="is a directory"):
         write_json(tmp_path / "out", {})
+
+
+def test_atomic_path_for_writers_that_take_a_file_name(tmp_path):
+    """numpy and safetensors write to a name: they get a temporary one, renamed over the target only on success."""
+    np = pytest.importorskip("numpy")
+    target = tmp_path / "sigs" / "00001.npz"
+    with atomic_path(target, suffix=".npz") as tmp:  # savez appends .npz to a name that lacks it
+        assert tmp.parent == target.parent and not target.exists()
+        np.savez(tmp, a=np.arange(3))
+    assert np.load(target)["a"].tolist() == [0, 1, 2] and oct(target.stat().st_mode & 0o777) == oct(0o644)
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, suffix=".npz") as tmp:
+            np.savez(tmp, a=np.arange(5))
+            raise RuntimeError("killed mid-write")
+    assert np.load(target)["a"].tolist() == [0, 1, 2] and os.listdir(target.parent) == ["00001.npz"]

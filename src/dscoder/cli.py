@@ -269,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dscoder.engine.cli import register as register_engine
 
-    register_engine(sub)  # generate, infill, chat, serve
+    register_engine(sub)  # generate, infill, chat
+    from dscoder.serve.cli import register as register_serve
+
+    register_serve(sub)  # serve
     return parser
 
 

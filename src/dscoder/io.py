@@ -1,6 +1,7 @@
 """File helpers shared by every stage: one atomic writer and one jsonl reader.
 
-``atomic_write(path)`` is the only way dscoder writes a file a user keeps: the bytes go to a temporary file in the
+``atomic_write(path)`` (or ``atomic_path(path)`` for a library writer that wants a file name) is the only way
+dscoder writes a file a user keeps: the bytes go to a temporary file in the
 same directory, are flushed to disk and renamed over ``path`` on success, so a crash leaves either the old file or
 the new one, never half of one. ``read_jsonl`` reads ``.jsonl`` (or ``.jsonl.gz``) and reports a bad line, a
 truncated archive or invalid UTF-8 as one :class:`DscoderError` naming the file and line.
@@ -26,16 +27,29 @@ def atomic_write(path: str | Path, mode: str = "w", *, encoding: str | None = "u
                  file_mode: int = 0o644) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing (``"w"`` text or ``"wb"`` bytes); on a clean exit it is
     fsynced, given ``file_mode`` and renamed over ``path``; on an exception it is removed and ``path`` is untouched."""
+    with atomic_path(path, file_mode=file_mode) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, suffix: str = ".tmp", file_mode: int = 0o644) -> Iterator[Path]:
+    """:func:`atomic_write` for a writer that takes a file name (``safetensors.torch.save_file``, ``numpy.savez``):
+    the name of an empty temporary file beside ``path`` (ending in ``suffix``, for writers that add their own);
+    on a clean exit what was written there is fsynced, given ``file_mode`` and renamed over ``path``."""
     path = Path(path)
     if path.is_dir():
         raise DscoderError(f"{path}: is a directory, expected a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with open(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, file_mode)
         os.replace(tmp, path)
     except BaseException:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dscoder.errors import DscoderError
-from dscoder.io import write_json, write_text
+from dscoder.io import read_jsonl, write_json, write_text
 from dscoder.recipes import recipe_path
 
 STAGES = ("data", "pretrain", "export", "eval", "report")
@@ -66,7 +66,7 @@ def _steps_for(seconds: float, data_dir: Path) -> int:
                                                                  "train.ckpt_every=6", f"data.seq_len={SEQ_LEN}",
                                                                  f"train.micro_batch={BATCH}"])
     pretrain(config, calib)
-    rows = [json.loads(line) for line in (calib / "metrics.jsonl").read_text().splitlines()][2:]
+    rows = [row for _, row in read_jsonl(calib / "metrics.jsonl", "metrics")][2:]
     shutil.rmtree(calib, ignore_errors=True)
     per_step = sum(BATCH * SEQ_LEN / r["tokens_per_s"] for r in rows) / len(rows)
     return max(20, int(seconds / (per_step * 1.15)))  # 15% for logging, checkpoints and the noisy machine
@@ -186,7 +186,7 @@ def stage_report(out: Path, seconds: float) -> Path:
     texts = samples(out)
     _log(f"completion of {COMPLETION_PROMPT.strip()!r}: {texts['completion'][:80]!r}")
     _log(f"infill: {texts['infill']!r}")
-    metrics = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [row for _, row in read_jsonl(out / "pretrain" / "metrics.jsonl", "metrics")]
     first = sum(r["loss"] for r in metrics[:10]) / min(10, len(metrics))
     last = sum(r["loss"] for r in metrics[-10:]) / min(10, len(metrics))
     shutil.copy(out / "data" / "data_stats.png", out / "data_stats.png")

@@ -44,7 +44,7 @@ import torch
 from dscoder.align.recipe import AlignConfig, build_policy, load_tokenizer, open_run, policy_config
 from dscoder.errors import ConfigError, DscoderError
 from dscoder.io import read_jsonl
-from dscoder.train.optim import build_optimizer, lr_factor
+from dscoder.train.optim import lr_factor, optimizer_for
 from dscoder.train.run import autocast, check_context, optimizer_step
 LOSS_TYPES = ("grpo", "dr_grpo", "token")
 
@@ -277,7 +277,7 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
     if g.beta > 0:
         ref = copy.deepcopy(model).eval()
         ref.requires_grad_(False)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    optimizer = optimizer_for(model, t)
     extra = run.restore(model, optimizer, resume)
     step = extra["step"] if extra else 0
     updates_per_step = g.updates_per_batch * g.mini_batches

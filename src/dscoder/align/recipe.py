@@ -7,13 +7,13 @@ The model, the run directory, resume, metrics and the optimizer step come from :
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dscoder.errors import ConfigError
 from dscoder.train import run as runlib
-from dscoder.train.config import ModelSection, TrainSection, _section, read_recipe
+from dscoder.train.config import ModelSection, TrainSection, model_section, parse_section, read_recipe
 
 
 @dataclass
@@ -37,9 +37,7 @@ class AlignConfig:
     name: str = "sft"
 
     def to_dict(self) -> dict[str, Any]:
-        model = {"preset": self.model.preset, "init": self.model.init, "tokenizer": self.tokenizer,
-                 **self.model.overrides}
-        return {"model": {k: v for k, v in model.items() if v is not None}, "data": asdict(self.data),
+        return {"model": self.model.to_dict(tokenizer=self.tokenizer), "data": asdict(self.data),
                 "train": asdict(self.train), self.name: asdict(self.method)}
 
 
@@ -52,32 +50,18 @@ def load_recipe(path: str | Path | None, overrides: list[str], name: str, data_c
     if unknown:
         raise ConfigError(f"{source}: unknown config table '{sorted(unknown)[0]}' (a {name} recipe has model, data, "
                           f"train, {name})")
-    model_raw = dict(raw.get("model", {}))
-    tokenizer = model_raw.pop("tokenizer", None)
-    model = ModelSection(preset=model_raw.pop("preset", None if "init" in model_raw else "tiny"),
-                         init=model_raw.pop("init", None), overrides=model_raw)
-    from dscoder.config import ModelConfig
-
-    bad = sorted(set(model.overrides) - {f.name for f in fields(ModelConfig)})
-    if bad:
-        raise ConfigError(f"{source}: unknown config key 'model.{bad[0]}'")
-    if bool(model.preset) == bool(model.init):
-        raise ConfigError(f"{source}: model.preset: give model.preset or model.init (an HF checkpoint), not both")
-    train = _section(AlignTrainSection, {**(train_defaults or {}), **raw.get("train", {})}, "train", source)
-    for key in ("steps", "micro_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
-        if not isinstance(getattr(train, key), int) or getattr(train, key) <= 0:
-            raise ConfigError(f"{source}: train.{key}: expected a positive integer")
-    if train.lr <= 0 or train.warmup_steps < 0 or not 0 <= train.min_lr_ratio <= 1:
-        raise ConfigError(f"{source}: train.lr / warmup_steps / min_lr_ratio out of range")
-    if train.dtype not in ("auto", "bfloat16", "float32"):
-        raise ConfigError(f"{source}: train.dtype: expected auto, bfloat16 or float32")
+    model = model_section(raw.get("model", {}), source, extra=("tokenizer",))
+    tokenizer = raw.get("model", {}).get("tokenizer")
+    train = parse_section(AlignTrainSection, {**(train_defaults or {}), **raw.get("train", {})}, "train", source)
+    train.validate(source)
     # one process on the CPU, no compiled or checkpointed modules yet: said rather than silently ignored
     for key in ("compile", "activation_checkpointing"):
         if getattr(train, key):
             raise ConfigError(f"{source}: train.{key} = true: not supported by the alignment recipes yet (sft, "
                               f"reward, grpo); set it to false")
-    return AlignConfig(model=model, tokenizer=tokenizer, data=_section(data_cls, raw.get("data", {}), "data", source),
-                       train=train, method=_section(method_cls, raw.get(name, {}), name, source), name=name)
+    return AlignConfig(model=model, tokenizer=tokenizer,
+                       data=parse_section(data_cls, raw.get("data", {}), "data", source), train=train,
+                       method=parse_section(method_cls, raw.get(name, {}), name, source), name=name)
 
 
 def load_tokenizer(config: AlignConfig, required: bool = True):

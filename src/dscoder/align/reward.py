@@ -38,7 +38,7 @@ from dscoder.config import ModelConfig
 from dscoder.errors import ConfigError, DscoderError
 from dscoder.io import atomic_write, read_jsonl, write_json, write_jsonl
 from dscoder.model import DeepseekV2
-from dscoder.train.optim import build_optimizer, lr_factor
+from dscoder.train.optim import lr_factor, optimizer_for
 from dscoder.train.run import TOKENIZER_DIR, autocast, check_context, optimizer_step
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -82,13 +82,14 @@ def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None) -> Path:
-    import dscoder
     from safetensors.torch import save
+
+    from dscoder.model.build import save_model
 
     directory = Path(directory)
     lm, _, _ = DeepseekV2.from_state_dict(model.config, {k: v for k, v in model.state_dict().items()
                                                           if not k.startswith("score.")})
-    dscoder.save_model(lm, directory)
+    save_model(lm, directory)
     with atomic_write(directory / HEAD_FILE, "wb") as f:
         f.write(save({"score.weight": model.score.weight.detach().float().contiguous()}))
     write_json(directory / META_FILE, {"format": "dscoder-reward-model", "head": "score",
@@ -100,14 +101,15 @@ def save_reward_model(model: RewardModel, directory: str | Path, tokenizer=None)
 
 def load_reward_model(directory: str | Path, vocab_size: int | None = None) -> RewardModel:
     """A saved reward model; ``vocab_size`` (the policy's) must match its vocabulary."""
-    import dscoder
     from safetensors.torch import load_file
+
+    from dscoder.model.build import load_model
 
     directory = Path(directory)
     if not (directory / HEAD_FILE).is_file() or not (directory / "config.json").is_file():
         raise DscoderError(f"{directory}: not a dscoder reward model (needs config.json and {HEAD_FILE}; "
                            f"train one with `dscoder train reward`)")
-    lm = dscoder.load_model(directory, dtype=torch.float32)
+    lm = load_model(directory, dtype=torch.float32)
     if vocab_size is not None and lm.config.vocab_size != vocab_size:
         raise DscoderError(f"{directory}: the reward model's vocabulary has {lm.config.vocab_size} tokens; the "
                            f"policy's has {vocab_size} (they must share a tokenizer)")
@@ -344,7 +346,7 @@ def train_reward(config: AlignConfig, out: str | Path, resume: bool = False,
     if not train_pairs:
         raise DscoderError(f"{stats['source']}: no preference pairs to train on (no problem has both a passing and "
                            f"a failing program)" if d.problems else f"{d.pairs}: no pairs")
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    optimizer = optimizer_for(model, t)
     extra = run.restore(model, optimizer, resume)
     step, rng = (extra["step"] if extra else 0), random.Random(t.seed)
     pad = tokenizer.pad_id

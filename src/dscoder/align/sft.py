@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from dscoder.align.recipe import AlignConfig, build_policy, load_tokenizer, open_run, policy_config
 from dscoder.errors import ConfigError, DscoderError
 from dscoder.io import read_jsonl
-from dscoder.train.optim import build_optimizer, lr_factor
+from dscoder.train.optim import lr_factor, optimizer_for
 from dscoder.train.run import autocast, check_context, optimizer_step
 
 IGNORE = -100
@@ -213,7 +213,7 @@ def sft(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: i
     eval_rows = chat_rows(d.eval_path, tokenizer, d.seq_len, d.packing)[0] if d.eval_path else None
     run = open_run(config, out, resume, tokenizer)
     model = build_policy(config, tokenizer, mcfg=mcfg)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    optimizer = optimizer_for(model, t)
     loader = RowLoader(rows, t.micro_batch, t.seed)
     extra = run.restore(model, optimizer, resume)
     step = extra["step"] if extra else 0

@@ -41,7 +41,7 @@ from dscoder.data.rules import RuleConfig, check
 from dscoder.data.shards import ShardWriter
 from dscoder.data.sources import RawDocument, changed_sources, iter_documents, scan_sources
 from dscoder.errors import ConfigError, DscoderError
-from dscoder.io import atomic_write, iter_jsonl, write_json
+from dscoder.io import atomic_path, atomic_write, iter_jsonl, write_json
 
 STAGES = ("filter", "dedup", "tokenizer", "tokenize", "report")
 
@@ -198,11 +198,9 @@ class FilterStage(PipelineStep):
                 keep({"id": raw.id, "index": raw.index, "path": raw.path, "language": language, "sha256": sha,
                       "text": text})
         sig_matrix = np.stack(sigs) if sigs else np.zeros((0, cfg.minhash_perms), dtype=np.uint64)
-        tmp = out / "_work" / "sigs" / f"{rank:05d}.tmp.npz"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, order=np.asarray(orders, dtype=np.int64), sha=np.asarray(shas, dtype="U64"),
-                 sig_rows=np.asarray(sig_rows, dtype=np.int64), sigs=sig_matrix)
-        os.replace(tmp, tmp.with_name(f"{rank:05d}.npz"))
+        with atomic_path(out / "_work" / "sigs" / f"{rank:05d}.npz", suffix=".npz") as tmp:  # savez adds .npz
+            np.savez(tmp, order=np.asarray(orders, dtype=np.int64), sha=np.asarray(shas, dtype="U64"),
+                     sig_rows=np.asarray(sig_rows, dtype=np.int64), sigs=sig_matrix)
         write_json(out / "_work" / "stats" / f"filter-{rank:05d}.json", {**stats, "dropped": dropped})
         return
         yield  # a datatrove step is a generator
@@ -224,7 +222,7 @@ class DedupStage(PipelineStep):
 
         cfg, out = self.config, Path(self.config.out)
         orders, shas, sigs, sig_orders = [], [], [], []
-        for f in sorted((out / "_work" / "sigs").glob("*.npz")):
+        for f in sorted((out / "_work" / "sigs").glob("[0-9]*.npz")):  # not a killed writer's temporary file
             z = np.load(f)
             orders.append(z["order"])
             shas.append(z["sha"])

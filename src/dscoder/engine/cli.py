@@ -1,4 +1,6 @@
-"""``dscoder generate | infill | chat | serve``: :func:`register` adds them to the ``dscoder`` parser."""
+"""``dscoder generate | infill | chat``: :func:`register` adds them to the ``dscoder`` parser. The engine's options
+(:func:`add_compile_arg`, :func:`add_prefix_cache_arg`, :func:`engine_from_args`) serve ``dscoder serve`` too
+(:mod:`dscoder.serve.cli`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    _compile_arg(p)
+    add_compile_arg(p)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -24,13 +26,13 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens whatever the model says")
 
 
-def _compile_arg(p: argparse.ArgumentParser) -> None:
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster decoding after a compile (seconds to a minute) for "
                         "each batch bucket 1, 2, 4, ... (serve compiles them all at startup)")
 
 
-def _prefix_cache_arg(p: argparse.ArgumentParser) -> None:
+def add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-cache-mb", type=int, default=256, metavar="MB",
                    help="memory for cached prompt prefixes: a prompt that starts like an earlier one prefills only the "
                         "rest (0 = off; default 256)")
@@ -42,7 +44,8 @@ def _sampling(args) -> dict:
                 ignore_eos=args.ignore_eos)
 
 
-def _engine(args, **kw):
+def engine_from_args(args, **kw):
+    """The Engine the command-line options ask for (``--model``, ``--tokenizer``, ``--dtype``, ``--device``, ...)."""
     from dscoder.engine import Engine
 
     engine = Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, compile=args.compile,
@@ -64,7 +67,7 @@ def _print_stream(chunks) -> str | None:
 
 
 def generate(args) -> int:
-    with _engine(args) as engine:
+    with engine_from_args(args) as engine:
         params = _sampling(args)
         if args.no_stream or len(args.prompt) > 1:
             for r in engine.generate(list(args.prompt), **params):
@@ -75,13 +78,13 @@ def generate(args) -> int:
 
 
 def infill(args) -> int:
-    with _engine(args) as engine:
+    with engine_from_args(args) as engine:
         _print_stream(engine.stream(prefix=args.prefix, suffix=args.suffix, **_sampling(args)))
     return 0
 
 
 def chat(args) -> int:
-    with _engine(args) as engine:
+    with engine_from_args(args) as engine:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         print("dscoder chat: an empty line or Ctrl-D ends the session", file=sys.stderr)
         while True:
@@ -103,27 +106,8 @@ def chat(args) -> int:
     return 0
 
 
-def serve(args) -> int:
-    from dscoder.serve import Limits
-    from dscoder.serve import serve as run_server
-
-    if not 0 < args.port < 65536:
-        raise DscoderError(f"--port: expected 1..65535, got {args.port}")
-    engine = _engine(args, max_batch_size=args.max_batch, max_len=args.max_len)
-    limits = Limits(max_tokens=args.max_tokens_cap, max_concurrent=args.max_concurrent)
-    if args.compile:
-        print("dscoder serve: compiling the decode step (--compile) ...", file=sys.stderr, flush=True)
-        engine.warmup()
-    try:
-        run_server(engine, host=args.host, port=args.port, model_name=args.model_name or args.model,
-                   api_key=args.api_key, limits=limits, log_level=args.log_level)
-    finally:
-        engine.close()
-    return 0
-
-
 def register(subparsers) -> None:
-    """Add ``generate``, ``infill``, ``chat`` and ``serve`` to the ``dscoder`` subcommands."""
+    """Add ``generate``, ``infill`` and ``chat`` to the ``dscoder`` subcommands."""
     g = subparsers.add_parser("generate", help="complete prompts with a checkpoint",
                               description="Complete one or more prompts (streams when given one).")
     g.add_argument("prompt", nargs="+", help="prompt text")
@@ -143,29 +127,5 @@ def register(subparsers) -> None:
                               description="Chat with an instruct checkpoint in the DeepSeek-Coder-V2 template.")
     c.add_argument("--system", help="system prompt")
     _sampling_args(c)
-    _prefix_cache_arg(c)
+    add_prefix_cache_arg(c)
     c.set_defaults(func=chat)
-
-    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
-                              description="Serve /v1/completions (with suffix for FIM), /v1/chat/completions, "
-                                          "/infill, /v1/models and /health over FastAPI + uvicorn.")
-    s.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with its tokenizer)")
-    s.add_argument("--tokenizer", metavar="DIR")
-    s.add_argument("--dtype", choices=["float32", "bfloat16"])
-    s.add_argument("--device", default="cpu")
-    _compile_arg(s)
-    _prefix_cache_arg(s)
-    s.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
-                   help="prefill longer prompts N tokens per step, between decode steps of running requests "
-                        "(0 = in one go; default 512)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
-    s.add_argument("--model-name", help="the model id clients send (default: --model)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    s.add_argument("--max-len", type=int, help="context in tokens: prompt + output (default: min(model, 4096))")
-    s.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
-    s.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level")
-    s.set_defaults(func=serve)

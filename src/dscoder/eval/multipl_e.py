@@ -102,7 +102,7 @@ def multipl_e(directory: str | Path | None, languages: list[str] | None = None,
     """Problems of every requested language whose data file exists and whose toolchain is here; the others go
     into ``skipped`` (language → one line) and are printed."""
     if directory is None:
-        raise DscoderError("task multipl-e needs --humaneval-x DIR (e.g. ../shared/data/humaneval-x/)")
+        raise DscoderError("task multipl-e needs --humaneval-x DIR (a folder of MultiPL-E humaneval-LANG.jsonl files)")
     directory = Path(directory)
     if not directory.is_dir():
         raise DscoderError(f"{directory}: not a directory (expected humaneval-{{cpp,java,js,...}}.jsonl in it)")
@@ -155,7 +155,7 @@ class MultiPLETask(Task):
     name = "multipl-e"
     help = "MultiPL-E: HumanEval in C++, Java, JS, TS, Go, Rust, Bash, PHP, C# with the toolchains found here"
     options = (Option("humaneval_x", "--humaneval-x", "folder of MultiPL-E humaneval-{lang}.jsonl files "
-                      "(e.g. ../shared/data/humaneval-x/)", metavar="DIR", required=True),
+                      "(nuprl/MultiPL-E's HumanEval translations)", metavar="DIR", required=True),
                Option("languages", "--languages", f"languages to run (default: all of {','.join(LANGUAGES)})",
                       parse=_languages, metavar="LANGS"))
 

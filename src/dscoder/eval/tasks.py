@@ -98,7 +98,7 @@ def humaneval(style: str = "base") -> list[Problem]:
 
 def mbpp(path: str | Path | None) -> list[Problem]:
     if path is None:
-        raise DscoderError("task mbpp needs --mbpp PATH (e.g. ../shared/data/mbpp/mbpp.jsonl)")
+        raise DscoderError("task mbpp needs --mbpp PATH (MBPP's mbpp.jsonl, google-research/mbpp)")
     rows = {}
     for i, row in read_records(path, "MBPP"):
         try:
@@ -214,7 +214,7 @@ class GSM8KProblem(Problem):
 
 def gsm8k(path: str | Path | None, style: str = "base") -> list[Problem]:
     if path is None:
-        raise DscoderError("task gsm8k needs --gsm8k PATH (e.g. ../shared/data/gsm8k/test.json)")
+        raise DscoderError("task gsm8k needs --gsm8k PATH (GSM8K's test split, openai/grade-school-math test.jsonl)")
     if style not in ("base", "instruct"):
         raise DscoderError(f"unknown prompt style '{style}' (base or instruct)")
     shots = "".join(GSM8K_BASE.format(question=q) + " " + a + "\n\n" for q, a in GSM8K_SHOTS)
@@ -272,7 +272,7 @@ class HumanEvalTask(Task):
 class MBPPTask(Task):
     name = "mbpp"
     help = "MBPP's test split (task_ids 11-510), 3-shot, pass@k by execution"
-    options = (Option("mbpp_path", "--mbpp", "MBPP jsonl (e.g. ../shared/data/mbpp/mbpp.jsonl)", metavar="PATH",
+    options = (Option("mbpp_path", "--mbpp", "MBPP's mbpp.jsonl (google-research/mbpp)", metavar="PATH",
                       required=True),)
 
     def load(self, options: dict[str, Any], ctx: LoadContext) -> list[Problem]:
@@ -290,7 +290,7 @@ class FIMTask(Task):
 class GSM8KTask(Task):
     name = "gsm8k"
     help = "GSM8K grade-school math: final-answer exact match (nothing executed)"
-    options = (Option("gsm8k_path", "--gsm8k", "GSM8K test jsonl (e.g. ../shared/data/gsm8k/test.json)",
+    options = (Option("gsm8k_path", "--gsm8k", "GSM8K's test split as jsonl (openai/grade-school-math test.jsonl)",
                       metavar="PATH", required=True), STYLE)
     executes = False
 

@@ -15,14 +15,18 @@ from dscoder.model.transformer import DeepseekV2
 
 def build_model(config: ModelConfig, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
                 seed: int | None = None) -> DeepseekV2:
-    """A randomly initialised model (``device="meta"`` builds it without memory, for counting)."""
+    """A randomly initialised model (``device="meta"`` builds it without memory, for counting). With ``seed`` the
+    weights are drawn from that seed without touching the caller's random state (a library call has no global
+    side effects); without it, from the global generator as it stands."""
     dtype = parse_dtype(dtype) or torch.float32
-    with torch.device(device):
-        model = DeepseekV2(config)
-    if str(device) != "meta":
-        if seed is not None:
-            torch.manual_seed(seed)
-        model.init_weights()
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else [], enabled=seed is not None):
+        with torch.device(device):
+            model = DeepseekV2(config)  # the modules' own initialisers draw too
+        if str(device) != "meta":
+            if seed is not None:
+                torch.manual_seed(seed)
+            model.init_weights()
     return model.to(dtype)
 
 

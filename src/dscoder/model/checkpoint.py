@@ -11,7 +11,6 @@ the weights in RAM.
 from __future__ import annotations
 
 import json
-import os
 import re
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,7 +21,7 @@ from safetensors.torch import save_file
 
 from dscoder.config import ModelConfig
 from dscoder.errors import CheckpointError, DscoderError
-from dscoder.io import write_json
+from dscoder.io import atomic_path, write_json
 from dscoder.model.transformer import DeepseekV2
 
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -180,10 +179,8 @@ def save_checkpoint(model: DeepseekV2, directory: str | Path, dtype: torch.dtype
     for name, keys in zip(names, shards):
         # clone: safetensors refuses tensors that share storage, as the per-expert views of a stack do
         tensors = {k: state[k].detach().to(device="cpu", dtype=dtype or state[k].dtype, copy=True) for k in keys}
-        tmp = directory / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)  # safetensors creates its files 0600; a checkpoint is meant to be shared
-        os.replace(tmp, directory / name)
+        with atomic_path(directory / name) as tmp:  # 0644: a checkpoint is meant to be shared
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         del tensors
     stale = [p for p in directory.glob("model*.safetensors") if p.name not in names]
     for p in stale:

@@ -80,11 +80,15 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
-    x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-    w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    g = torch.Generator(device_type).manual_seed(0)  # its own stream: the probe leaves the caller's random state alone
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g, device=device_type).to(dtype)
+
+    x, w = randn(16, 16).requires_grad_(), randn(2, 16, 16).requires_grad_()
     offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
     y = torch._grouped_mm(x, w, offs=offs)
-    y.backward(torch.randn_like(y))  # a real (non-expanded) gradient
+    y.backward(randn(*y.shape))  # a real (non-expanded) gradient
     ref = torch.cat([x[:8] @ w[0], x[8:] @ w[1]])
     return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
 

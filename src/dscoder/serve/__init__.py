@@ -6,7 +6,18 @@ request's run on the engine (admission, updates, cancel on disconnect); ``middle
 ``errors`` OpenAI-shaped errors.
 """
 
-from dscoder.serve.app import create_app, serve
-from dscoder.serve.state import Limits
-
 __all__ = ["Limits", "create_app", "serve"]
+
+
+def __getattr__(name: str):
+    # imported on first use, so that `dscoder serve`'s parser (dscoder.serve.cli) does not load FastAPI for every
+    # other command
+    if name in ("create_app", "serve"):
+        from dscoder.serve import app
+
+        return getattr(app, name)
+    if name == "Limits":
+        from dscoder.serve.state import Limits
+
+        return Limits
+    raise AttributeError(f"module 'dscoder.serve' has no attribute {name!r}")

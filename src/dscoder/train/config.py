@@ -27,6 +27,15 @@ class ModelSection:
     init: str | None = None  # an HF checkpoint directory to start from (continued pre-training)
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields, e.g. vocab_size
 
+    def validate(self, source: str = "config") -> None:
+        _need(bool(self.preset) != bool(self.init), source, "model.preset",
+              "give model.preset or model.init (an HF checkpoint), not both")
+
+    def to_dict(self, **extra: Any) -> dict[str, Any]:
+        """The ``[model]`` table as written (``extra`` keys, e.g. alignment's ``tokenizer``, after preset/init)."""
+        table = {"preset": self.preset, "init": self.init, **extra, **self.overrides}
+        return {k: v for k, v in table.items() if v is not None}
+
 
 @dataclass
 class DataSection:
@@ -61,6 +70,17 @@ class TrainSection:
     log_every: int = 1
     ckpt_every: int = 50
     keep_checkpoints: int = 2
+
+    def validate(self, source: str = "config") -> None:
+        """The checks every recipe's ``[train]`` gets (pre-training's and alignment's alike)."""
+        for key in ("steps", "micro_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
+            _need(isinstance(getattr(self, key), int) and getattr(self, key) > 0, source, f"train.{key}",
+                  "expected a positive integer")
+        _need(self.warmup_steps >= 0, source, "train.warmup_steps", "expected an integer >= 0")
+        _need(self.lr > 0, source, "train.lr", "expected a positive number")
+        _need(0 <= self.min_lr_ratio <= 1, source, "train.min_lr_ratio", "expected a number in [0, 1]")
+        _need(self.dtype in ("auto", "bfloat16", "float32"), source, "train.dtype",
+              "expected auto, bfloat16 or float32")
 
 
 @dataclass
@@ -100,35 +120,21 @@ class TrainConfig:
         unknown = set(raw) - {"model", "data", "train", "parallel", "stages"}
         if unknown:
             raise ConfigError(f"{source}: unknown config table '{sorted(unknown)[0]}'")
-        model_raw = dict(raw.get("model", {}))
-        model = ModelSection(preset=model_raw.pop("preset", None if "init" in model_raw else "tiny"),
-                             init=model_raw.pop("init", None), overrides=model_raw)
-        if model.overrides:
-            from dscoder.config import ModelConfig
-
-            known = {f.name for f in fields(ModelConfig)}
-            bad = sorted(set(model.overrides) - known)
-            if bad:
-                raise ConfigError(f"{source}: unknown config key 'model.{bad[0]}'")
-        cfg = cls(model=model, data=_section(DataSection, raw.get("data", {}), "data", source),
-                  train=_section(TrainSection, raw.get("train", {}), "train", source),
-                  parallel=_section(ParallelSection, raw.get("parallel", {}), "parallel", source),
-                  stages=[_section(Stage, s, f"stages[{i}]", source) for i, s in enumerate(raw.get("stages", []))])
+        cfg = cls(model=model_section(raw.get("model", {}), source),
+                  data=parse_section(DataSection, raw.get("data", {}), "data", source),
+                  train=parse_section(TrainSection, raw.get("train", {}), "train", source),
+                  parallel=parse_section(ParallelSection, raw.get("parallel", {}), "parallel", source),
+                  stages=[parse_section(Stage, s, f"stages[{i}]", source) for i, s in enumerate(raw.get("stages", []))])
         cfg.validate(source)
         return cfg
 
     def validate(self, source: str = "config") -> None:
         def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"{source}: {key}: {msg}")
+            _need(cond, source, key, msg)
 
-        t, d = self.train, self.data
-        for key in ("steps", "micro_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
-            need(isinstance(getattr(t, key), int) and getattr(t, key) > 0, f"train.{key}", "expected a positive integer")
-        need(t.warmup_steps >= 0, "train.warmup_steps", "expected an integer >= 0")
-        need(t.lr > 0, "train.lr", "expected a positive number")
-        need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "expected a number in [0, 1]")
-        need(t.dtype in ("auto", "bfloat16", "float32"), "train.dtype", "expected auto, bfloat16 or float32")
+        d = self.data
+        self.model.validate(source)
+        self.train.validate(source)
         need(d.seq_len > 0, "data.seq_len", "expected a positive integer")
         need(d.shard in ("documents", "rows"), "data.shard", "expected 'documents' or 'rows'")
         need(bool(d.path) != bool(d.sources), "data.path", "give data.path or data.sources (a mixture), not both")
@@ -141,15 +147,12 @@ class TrainConfig:
         need(ep == 1 or self.parallel.strategy == "ddp", "parallel.ep",
              f"expert parallelism (ep = {ep}) needs parallel.strategy = 'ddp' (FSDP2 + EP is not supported; the "
              "non-expert weights are data-parallel over all ranks)")
-        need(bool(self.model.preset) != bool(self.model.init), "model.preset",
-             "give model.preset or model.init (an HF checkpoint), not both")
         for i, s in enumerate(self.stages):
             need(s.steps > 0 and s.seq_len > 0, f"stages[{i}]", "steps and seq_len must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["model"] = {k: v for k, v in {"preset": self.model.preset, "init": self.model.init,
-                                         **self.model.overrides}.items() if v is not None}
+        d["model"] = self.model.to_dict()
         return d
 
     @property
@@ -161,6 +164,28 @@ class TrainConfig:
         if self.stages:
             return self.stages
         return [Stage(steps=self.train.steps, seq_len=self.data.seq_len)]
+
+
+def model_section(raw: Any, source: str = "config", extra: tuple[str, ...] = ()) -> ModelSection:
+    """A recipe's ``[model]`` table: ``preset`` (default tiny) or ``init``, not both; every other key (but
+    ``extra``, which the caller takes out first) must be a ModelConfig field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: model: expected a table")
+    from dscoder.config import ModelConfig
+
+    rest = {k: v for k, v in raw.items() if k not in ("preset", "init", *extra)}
+    bad = sorted(set(rest) - {f.name for f in fields(ModelConfig)})
+    if bad:
+        raise ConfigError(f"{source}: unknown config key 'model.{bad[0]}'")
+    model = ModelSection(preset=raw.get("preset", None if "init" in raw else "tiny"), init=raw.get("init"),
+                         overrides=rest)
+    model.validate(source)
+    return model
+
+
+def _need(cond: bool, source: str, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: {key}: {msg}")
 
 
 def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
@@ -181,7 +206,9 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     return raw
 
 
-def _section(cls, raw: Any, name: str, source: str):
+def parse_section(cls, raw: Any, name: str, source: str):
+    """The dataclass ``cls`` from a recipe's table ``raw`` (named ``name`` in errors): unknown keys and values of
+    the wrong type are one line naming the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {name}: expected a table")
     known = {f.name: f for f in fields(cls)}

@@ -66,7 +66,7 @@ def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
 
 
 def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Path:
-    import dscoder
+    from dscoder.model.build import build_model, save_model
     from dscoder.tokenizer import Tokenizer
 
     path = resolve_checkpoint(source)
@@ -74,12 +74,12 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
     check_out(out, run_dir_of(path))
     meta = ckpt.read_meta(path)
     config = ModelConfig.from_hf_dict(meta["model"], source=str(path / "meta.json"))
-    model = dscoder.build_model(config, dtype=torch.float32)
+    model = build_model(config, dtype=torch.float32)
     ckpt.load_model_weights(path, model)
     bad = nonfinite_tensors(model)
     if bad:
         ckpt.warn(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]}); exported as they are")
-    dscoder.save_model(model, out, dtype=dtype)
+    save_model(model, out, dtype=dtype)
     tokenizer_dir = run_tokenizer(path, meta)
     if tokenizer_dir is not None:
         Tokenizer.load(tokenizer_dir).save(out)

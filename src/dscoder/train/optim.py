@@ -22,6 +22,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
 
 
+def optimizer_for(model: torch.nn.Module, t) -> torch.optim.AdamW:
+    """The AdamW of a ``[train]`` section ``t`` (lr, weight_decay, beta1, beta2, eps): one place for every loop."""
+    return build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Multiplier of the peak rate at optimizer step ``step`` (0-based): linear warmup from 1/warmup to 1 over
     ``warmup`` steps, then cosine decay to ``min_ratio`` at the last step (DeepSeek-Coder-V2: 2000 steps, 10%)."""

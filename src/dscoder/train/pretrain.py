@@ -24,7 +24,7 @@ from dscoder.errors import ConfigError, DscoderError
 from dscoder.io import read_jsonl
 from dscoder.train import expert_parallel
 from dscoder.train.config import Stage, TrainConfig
-from dscoder.train.optim import build_optimizer, lr_factor
+from dscoder.train.optim import lr_factor, optimizer_for
 from dscoder.train.run import (Run, autocast, build_model, check_context, model_config, optimizer_step,
                                unwrap)
 
@@ -205,7 +205,7 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     model = build_model(config.model, mcfg, config.train.seed, d.device)
     model = parallelize(model, config, d)
     t = config.train
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    optimizer = optimizer_for(model, t)
     # the checkpoint must hold the model config in effect at its step (a stage may have changed the YaRN factor)
     extra = run.restore(model, optimizer, resume,
                         expected=lambda meta: _config_at(mcfg, plan, meta.get("step", 0)).to_hf_dict())

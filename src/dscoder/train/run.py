@@ -56,8 +56,8 @@ def model_config(section, tokenizer) -> ModelConfig:
 def build_model(section, mcfg: ModelConfig, seed: int, device: torch.device | str = "cpu", model_cls=None):
     """The fp32 model to train (train mode): ``model_cls`` (default ``DeepseekV2``; a subclass such as the reward
     model adds heads) with random weights from ``seed``, or over ``section.init``'s tensors (see :func:`rebuild`)."""
-    import dscoder
     from dscoder.model import DeepseekV2
+    from dscoder.model.build import load_model
 
     model_cls = model_cls or DeepseekV2
     torch.manual_seed(seed)  # identical initial weights on every rank
@@ -67,7 +67,7 @@ def build_model(section, mcfg: ModelConfig, seed: int, device: torch.device | st
         torch.manual_seed(seed)  # the weights do not depend on what building the modules drew
         model.init_weights()
         return model.float().train()
-    loaded = dscoder.load_model(section.init, dtype=torch.float32, device=device)
+    loaded = load_model(section.init, dtype=torch.float32, device=device)
     if model_cls is DeepseekV2 and loaded.config == mcfg:
         return loaded.train()
     return rebuild(loaded, mcfg, model_cls).train()
