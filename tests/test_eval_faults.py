@@ -4,11 +4,11 @@ run lost; the task registry and the program contract with the sandbox."""
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import pytest
 
+from conftest import MBPP, jsonl_rows, write_lines
 from dscoder.cli import main
 from dscoder.errors import DscoderError
 from dscoder.eval.base import shown_program
@@ -17,16 +17,10 @@ from dscoder.eval.sandbox import Limits, RunResult, Sandbox
 from dscoder.eval.tasks import TASKS, fim, humaneval, load_task
 
 EVAL = Path(__file__).resolve().parents[1] / "src" / "dscoder" / "eval"
-MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
-
-
-def _lines(path: Path, rows) -> Path:
-    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
-    return path
 
 
 def _gsm8k(tmp_path: Path) -> Path:
-    return _lines(tmp_path / "gsm8k.jsonl", [
+    return write_lines(tmp_path / "gsm8k.jsonl", [
         {"question": "Ann has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7", "idx": 0},
         {"question": "What is 600 * 2?", "answer": "600 * 2 = 1200\n#### 1200", "idx": 1}])
 
@@ -43,13 +37,13 @@ def _error(capsys) -> str:
 # ----- nothing an earlier run wrote is lost ---------------------------------------------------------------------------
 def test_a_failed_run_keeps_the_earlier_results(tmp_path, capsys):
     data, out = _gsm8k(tmp_path), tmp_path / "out"
-    good = _lines(tmp_path / "good.jsonl", [{"task_id": "GSM8K/0", "completion": "The answer is 7."},
-                                             {"task_id": "GSM8K/1", "completion": "The answer is 5."}])
+    good = write_lines(tmp_path / "good.jsonl", [{"task_id": "GSM8K/0", "completion": "The answer is 7."},
+                                                 {"task_id": "GSM8K/1", "completion": "The answer is 5."}])
     assert main(["eval", "gsm8k", "--gsm8k", str(data), "--samples", str(good), "--out", str(out)]) == 0
     capsys.readouterr()
     before = {name: (out / name).read_bytes() for name in ("results.jsonl", "summary.json")}
-    bad = _lines(tmp_path / "bad.jsonl", [{"task_id": "GSM8K/0", "completion": "7"},
-                                           {"task_id": ["GSM8K/1"], "completion": "7"}])
+    bad = write_lines(tmp_path / "bad.jsonl", [{"task_id": "GSM8K/0", "completion": "7"},
+                                               {"task_id": ["GSM8K/1"], "completion": "7"}])
     attempts = [
         ["--samples", str(bad)],  # a bad samples file
         ["--samples", str(tmp_path / "missing.jsonl")],
@@ -71,7 +65,7 @@ def test_a_failed_run_keeps_the_earlier_results(tmp_path, capsys):
 def test_out_naming_a_file_is_refused(tmp_path, capsys):
     data, out = _gsm8k(tmp_path), tmp_path / "a-file"
     out.write_text("mine\n")
-    good = _lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "7"}])
+    good = write_lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "7"}])
     assert main(["eval", "gsm8k", "--gsm8k", str(data), "--samples", str(good), "--out", str(out)]) == 2
     assert "is a file" in _error(capsys) and out.read_text() == "mine\n"
 
@@ -87,7 +81,7 @@ def test_out_naming_a_file_is_refused(tmp_path, capsys):
 ])
 def test_out_of_range_numbers_give_one_line(tmp_path, capsys, extra, says):
     data = _gsm8k(tmp_path)
-    good = _lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "7"}])
+    good = write_lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "7"}])
     task = "niah" if extra[0].startswith("--niah") else "gsm8k"
     base = ["--gsm8k", str(data)] if task == "gsm8k" else []
     assert main(["eval", task, *base, "--samples", str(good), "--out", str(tmp_path / "o"), *extra]) == 2
@@ -110,7 +104,7 @@ def test_pass_at_k_beyond_the_samples_generated_is_refused(tmp_path, capsys):
 ])
 def test_samples_with_values_of_the_wrong_type_name_the_line(tmp_path, capsys, row):
     data = _gsm8k(tmp_path)
-    samples = _lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/1", "completion": "1200"}, row])
+    samples = write_lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/1", "completion": "1200"}, row])
     assert main(["eval", "gsm8k", "--gsm8k", str(data), "--samples", str(samples), "--out", str(tmp_path / "o")]) == 2
     assert f"{samples}:2: expected" in _error(capsys)
 
@@ -120,7 +114,7 @@ def test_samples_that_are_not_utf8_or_not_json(tmp_path, capsys):
     # (dscoder.io decodes in blocks, so the line it names for bad UTF-8 may be an earlier one)
     for name, bad, says in (("latin1.jsonl", b'{"task_id": "GSM8K/0", "completion": "caf\xe9"}', "not valid UTF-8"),
                             ("broken.jsonl", b'{"task_id": "GSM8K/0", ', ":2: not valid JSON")):
-        samples = _lines(tmp_path / name, [{"task_id": "GSM8K/1", "completion": "1200"}, bad])
+        samples = write_lines(tmp_path / name, [{"task_id": "GSM8K/1", "completion": "1200"}, bad])
         assert main(["eval", "gsm8k", "--gsm8k", str(data), "--samples", str(samples),
                      "--out", str(tmp_path / "o")]) == 2
         line = _error(capsys)
@@ -128,13 +122,13 @@ def test_samples_that_are_not_utf8_or_not_json(tmp_path, capsys):
 
 
 def test_task_data_of_the_wrong_shape_names_the_line(tmp_path, capsys):
-    samples = _lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "7"}])
+    samples = write_lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "7"}])
     for row in ({"question": ["q"], "answer": "#### 7"}, {"question": "q", "answer": "#### 7", "idx": [0]}, [1, 2]):
-        data = _lines(tmp_path / "g.jsonl", [row])
+        data = write_lines(tmp_path / "g.jsonl", [row])
         assert main(["eval", "gsm8k", "--gsm8k", str(data), "--samples", str(samples),
                      "--out", str(tmp_path / "o")]) == 2
         assert "g.jsonl:1: expected" in _error(capsys)
-    mbpp = _lines(tmp_path / "mbpp.jsonl", [{"task_id": 2, "text": "t", "code": "c", "test_list": "assert 1"}])
+    mbpp = write_lines(tmp_path / "mbpp.jsonl", [{"task_id": 2, "text": "t", "code": "c", "test_list": "assert 1"}])
     with pytest.raises(DscoderError, match="mbpp.jsonl:1: not an MBPP record"):
         load_task("mbpp", mbpp_path=mbpp)
 
@@ -163,10 +157,10 @@ def test_verdicts_from_the_sandbox_result():
 
 def test_results_rows_carry_a_verdict(tmp_path):
     data = _gsm8k(tmp_path)
-    samples = _lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "The answer is 7."},
-                                             {"task_id": "GSM8K/1", "completion": "The answer is 3."}])
+    samples = write_lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "The answer is 7."},
+                                                 {"task_id": "GSM8K/1", "completion": "The answer is 3."}])
     summary = evaluate("gsm8k", tmp_path / "o", samples=samples, gsm8k_path=data)
-    rows = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "o" / "results.jsonl")
     assert [r["verdict"] for r in rows] == ["passed", "failed"] and summary["not_passed"] == {"failed": 1}
 
 
@@ -174,10 +168,10 @@ def test_execution_verdicts_end_to_end(tmp_path):
     problems = humaneval()[:4]
     completions = [problems[0].reference, "    return None\n", "    raise ValueError('boom')\n",
                    "    while True:\n        pass\n"]
-    samples = _lines(tmp_path / "s.jsonl", [{"task_id": p.task_id, "completion": c}
-                                             for p, c in zip(problems, completions)])
+    samples = write_lines(tmp_path / "s.jsonl", [{"task_id": p.task_id, "completion": c}
+                                                 for p, c in zip(problems, completions)])
     summary = evaluate("humaneval", tmp_path / "o", samples=samples, limit=4, limits=Limits(timeout_s=2), workers=2)
-    rows = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "o" / "results.jsonl")
     assert [r["verdict"] for r in rows] == ["passed", "failed", "runtime_error", "timeout"], [r["reason"] for r in rows]
     assert summary["not_passed"] == {"failed": 1, "runtime_error": 1, "timeout": 1}
     # the row shows what ran, as one could rerun it: candidate, tests, check call

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA, jsonl_rows, samples_file
 from dscoder.cli import main
 from dscoder.errors import DscoderError
 from dscoder.eval import niah
@@ -17,18 +18,12 @@ from dscoder.eval.run import evaluate
 from dscoder.eval.sandbox import Sandbox
 from dscoder.eval.tasks import extract_answer, fim, first_line, same_number
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-GSM8K = SHARED / "gsm8k" / "test.json"
-HUMANEVAL_X = SHARED / "humaneval-x"
-
-
-def _samples(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in rows))
-    return path
+GSM8K = SHARED_DATA / "gsm8k" / "test.json"
+HUMANEVAL_X = SHARED_DATA / "humaneval-x"
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    return {r["task_id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    return {r["task_id"]: r for r in jsonl_rows(out / "results.jsonl")}
 
 
 # ----- FIM -------------------------------------------------------------------------------------------------------------
@@ -45,11 +40,11 @@ def test_fim_true_lines_score_one_and_wrong_lines_zero(tmp_path):
     problems = fim()
     # the true line followed by more text: only the first generated line counts
     truth = [(p.task_id, p.reference + "\n" + "    garbage that is never run(\n") for p in problems]
-    summary = evaluate("fim", tmp_path / "true", samples=_samples(tmp_path / "t.jsonl", truth))
+    summary = evaluate("fim", tmp_path / "true", samples=samples_file(tmp_path / "t.jsonl", truth))
     assert summary["problems"] == 164 and summary["exact_match"] == 1.0 and summary["pass@1"] == 1.0
     assert summary["prompt_version"] == "1"
     wrong = [(p.task_id, "    return None  # " + p.reference.strip()) for p in problems[:20]]
-    summary = evaluate("fim", tmp_path / "wrong", samples=_samples(tmp_path / "w.jsonl", wrong), limit=20)
+    summary = evaluate("fim", tmp_path / "wrong", samples=samples_file(tmp_path / "w.jsonl", wrong), limit=20)
     assert summary["exact_match"] == 0.0 and summary["pass@1"] < 0.5
     row = next(iter(_rows(tmp_path / "wrong").values()))
     assert row["metrics"] == {"exact_match": False} and "def check" in row["program"]
@@ -81,13 +76,13 @@ def test_gsm8k_gold_answers_score_one_and_wrong_ones_zero(tmp_path):
     data = _gsm8k_file(tmp_path / "gsm8k.jsonl")
     gold = [("GSM8K/0", " 3 + 4 = 7. The answer is 7.\n\nQuestion: next one, answer 99"),
             ("GSM8K/1", " 600 pens cost 600 * 2 = 1,200 dollars. The answer is 1,200.")]
-    summary = evaluate("gsm8k", tmp_path / "gold", samples=_samples(tmp_path / "g.jsonl", gold), gsm8k_path=data)
+    summary = evaluate("gsm8k", tmp_path / "gold", samples=samples_file(tmp_path / "g.jsonl", gold), gsm8k_path=data)
     assert summary["exact_match"] == 1.0 and summary["problems"] == 2 and summary["sandbox"]
     wrong = [("GSM8K/0", " The answer is 8."), ("GSM8K/1", " 600 * 2 = 1200, minus 1 is 1199")]
-    summary = evaluate("gsm8k", tmp_path / "wrong", samples=_samples(tmp_path / "w.jsonl", wrong), gsm8k_path=data)
+    summary = evaluate("gsm8k", tmp_path / "wrong", samples=samples_file(tmp_path / "w.jsonl", wrong), gsm8k_path=data)
     assert summary["exact_match"] == 0.0 and summary["not_passed"] == {"failed": 2}
     chat = [("GSM8K/0", "Step by step... so \\boxed{7}"), ("GSM8K/1", "\\boxed{1200}")]
-    summary = evaluate("gsm8k", tmp_path / "chat", samples=_samples(tmp_path / "c.jsonl", chat), gsm8k_path=data,
+    summary = evaluate("gsm8k", tmp_path / "chat", samples=samples_file(tmp_path / "c.jsonl", chat), gsm8k_path=data,
                        style="instruct")
     assert summary["exact_match"] == 1.0
 
@@ -96,7 +91,7 @@ def test_gsm8k_gold_answers_score_one_and_wrong_ones_zero(tmp_path):
 def test_gsm8k_shared_file_gold_answers(tmp_path):
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:50]]
     gold = [(f"GSM8K/{r['idx']}", r["answer"]) for r in rows]  # the dataset's own solutions ("#### N")
-    summary = evaluate("gsm8k", tmp_path / "o", samples=_samples(tmp_path / "s.jsonl", gold), gsm8k_path=GSM8K,
+    summary = evaluate("gsm8k", tmp_path / "o", samples=samples_file(tmp_path / "s.jsonl", gold), gsm8k_path=GSM8K,
                        limit=50)
     assert summary["problems"] == 50 and summary["exact_match"] == 1.0
 
@@ -104,7 +99,7 @@ def test_gsm8k_shared_file_gold_answers(tmp_path):
 def test_gsm8k_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "no marker"}\n')
-    s = _samples(tmp_path / "s.jsonl", [("GSM8K/0", "1")])
+    s = samples_file(tmp_path / "s.jsonl", [("GSM8K/0", "1")])
     assert main(["eval", "gsm8k", "--gsm8k", str(bad), "--samples", str(s), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:1: expected a GSM8K record" in capsys.readouterr().err
     assert main(["eval", "gsm8k", "--samples", str(s), "--out", str(tmp_path / "o")]) == 2
@@ -137,7 +132,7 @@ def test_niah_grid_heatmap_and_skipped_lengths(tmp_path, capsys):
     # a stub model: right at depth 0 everywhere and at 256 tokens, wrong elsewhere
     rows = [(niah.task_id(n, d), f" {niah.secret(0, n, d) if d == 0 or n == 256 else '1234567'}.")
             for n in lengths[:2] for d in depths]
-    samples = _samples(tmp_path / "s.jsonl", rows)
+    samples = samples_file(tmp_path / "s.jsonl", rows)
     code = main(["eval", "niah", "--samples", str(samples), "--out", str(tmp_path / "o"), "--niah-lengths",
                  "128,256,512", "--niah-depths", "0,50,100", "--context", "300"])
     assert code == 0
@@ -204,8 +199,8 @@ def test_multipl_e_from_a_handmade_file(tmp_path, capsys):
     (data / "humaneval-sh.jsonl").write_text(json.dumps({
         "name": "HumanEval_0_double", "prompt": "#!/bin/bash\n# Double $1\ndouble() {\n", "stop_tokens": ["\n}"],
         "tests": '}\n\nset -e\n[[ $(double "4") = "8" ]]\n[[ $(double "0") = "0" ]]\n'}) + "\n")
-    samples = _samples(tmp_path / "s.jsonl", [("sh/HumanEval_0_double", "    echo $(( $1 * 2 ))\n}\nrm -rf x\n"),
-                                              ("sh/HumanEval_0_double", "    echo $(( $1 + 2 ))\n")])
+    samples = samples_file(tmp_path / "s.jsonl", [("sh/HumanEval_0_double", "    echo $(( $1 * 2 ))\n}\nrm -rf x\n"),
+                                                  ("sh/HumanEval_0_double", "    echo $(( $1 + 2 ))\n")])
     summary = evaluate("multipl-e", tmp_path / "o", samples=samples, humaneval_x=data, languages=["sh", "php"],
                        n=2, ks=(1, 2))
     assert summary["languages"] == {"sh": {"problems": 1, "pass@1": 0.5, "pass@2": 1.0}}
@@ -232,12 +227,12 @@ def test_multipl_e_hand_written_solutions_pass_and_wrong_ones_fail(tmp_path, mon
         rows += [(f"{lang}/HumanEval_23_strlen", right), (f"{lang}/HumanEval_23_strlen", wrong)]
         if lang in ADD:
             rows += [(f"{lang}/HumanEval_53_add", ADD[lang][0]), (f"{lang}/HumanEval_53_add", ADD[lang][1])]
-    samples = _samples(tmp_path / "s.jsonl", rows)
+    samples = samples_file(tmp_path / "s.jsonl", rows)
     real_which = shutil.which
     monkeypatch.setattr(me.shutil, "which", lambda t: None if t == "php" else real_which(t))
     summary = evaluate("multipl-e", tmp_path / "o", samples=samples, humaneval_x=HUMANEVAL_X,
                        languages=[*langs, "php"], n=2)
-    results = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    results = jsonl_rows(tmp_path / "o" / "results.jsonl")
     unexpected = {(r["task_id"], r["sample"]): r["reason"] for r in results if r["passed"] != (r["sample"] == 0)}
     assert len(results) == len(rows) and not unexpected  # sample 0 is the right one, sample 1 the wrong one
     assert set(summary["languages"]) == set(langs)

@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import jsonl_rows, torchrun
 from dscoder.cli import main
-from dscoder.data.pipeline import BuildConfig, build
 from dscoder.errors import ConfigError
 from dscoder.train.config import TrainConfig
 from dscoder.train.expert_parallel import check
 from dscoder.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 STEPS = 8  # a checkpoint at 4 and at 8: the resume test restarts from 4
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ep-data")
-    for pkg in ("json", "email"):
-        shutil.copytree(STDLIB / pkg, root / "src" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    build(BuildConfig(sources=[str(root / "src")], out=str(root / "build"), tasks=1, vocab_size=512,
-                      humaneval=False), workers=1)
-    return root / "build"
+def data_dir(stdlib_build):
+    return stdlib_build
 
 
 def _common(data_dir) -> list[str]:
@@ -41,16 +31,12 @@ def _common(data_dir) -> list[str]:
 
 
 def _torchrun(data_dir, out: Path, *extra: str, resume: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", "-m", "dscoder.cli", "train", "pretrain",
-           "--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(out), *(["--resume"] if resume else []),
-           *_common(data_dir), "train.micro_batch=2", "parallel.strategy=ddp", "parallel.ep=2", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return torchrun("train", "pretrain", "--config", "tiny", "--out", str(out), *(["--resume"] if resume else []),
+                    *_common(data_dir), "train.micro_batch=2", "parallel.strategy=ddp", "parallel.ep=2", *extra)
 
 
 def _rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return jsonl_rows(run / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")

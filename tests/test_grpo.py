@@ -9,20 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import align_recipe, jsonl_rows
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
-from dscoder.align.grpo import GRPOData, GRPOSection, group_advantages, grpo, grpo_loss
-from dscoder.align.recipe import load_recipe
+from dscoder.align.grpo import group_advantages, grpo, grpo_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe(*overrides):
-    return load_recipe(ROOT / "configs" / "grpo-tiny.toml", list(overrides), "grpo", GRPOData, GRPOSection)
+    return align_recipe("grpo", *overrides)
 
 
 def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return jsonl_rows(run / "metrics.jsonl")
 
 
 def test_objective_matches_a_hand_computed_example():

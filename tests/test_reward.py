@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import align_recipe, jsonl_rows
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
-from dscoder.align.recipe import load_recipe
-from dscoder.align.reward import (RewardData, RewardSection, bradley_terry_loss, load_reward_model, problem_from_row,
-                                  train_reward)
-
-ROOT = Path(__file__).resolve().parents[1]
+from dscoder.align.reward import bradley_terry_loss, load_reward_model, problem_from_row, train_reward
 
 
 def recipe(*overrides):
-    return load_recipe(ROOT / "configs" / "reward-tiny.toml", list(overrides), "reward", RewardData, RewardSection)
+    return align_recipe("reward", *overrides)
 
 
 def test_bradley_terry_loss_by_hand():
@@ -42,7 +38,7 @@ def test_execution_pairs_rank_heldout_passing_above_failing(trained):
     assert summary["programs"] == 96 and summary["passed"] == 32
     assert summary["heldout_pairs"] == 32 and summary["train_pairs"] == 96  # 4 whole problems held out
     assert summary["heldout_accuracy"] >= 0.85 > summary["heldout_accuracy_start"] + 0.3, summary
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(out / "metrics.jsonl")
     assert rows[-1]["heldout_accuracy"] == summary["heldout_accuracy"] and rows[-1]["loss"] < rows[0]["loss"]
     pair = json.loads((out / "pairs.jsonl").read_text().splitlines()[0])
     assert "+" in pair["chosen"].split("return")[1]

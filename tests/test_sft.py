@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 import dscoder
+from conftest import align_recipe, jsonl_rows, write_lines
 from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
-from dscoder.align.recipe import load_recipe
-from dscoder.align.sft import IGNORE, SFTData, SFTSection, collate, document_mask, encode_chat, make_example, pack, sft
+from dscoder.align.sft import IGNORE, collate, document_mask, encode_chat, make_example, pack, sft
 
-ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle"]
 
 
@@ -36,11 +32,6 @@ def tok_dir(tmp_path_factory):
     texts = [f"User: reverse: {a} {b}\n\nAssistant: {b} {a}" for a in WORDS for b in WORDS] * 3
     Tokenizer.train(texts, vocab_size=320).save(root)
     return root
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_mask_covers_exactly_the_assistant_tokens(tok_dir):
@@ -84,17 +75,15 @@ def test_packing_keeps_documents_apart(tok_dir):
 
 
 def recipe(tok_dir, data, *overrides):
-    return load_recipe(ROOT / "configs" / "sft-tiny.toml",
-                       [f"model.tokenizer={tok_dir}", f"data.path={data}", f"data.eval_path={data}", *overrides],
-                       "sft", SFTData, SFTSection)
+    return align_recipe("sft", f"model.tokenizer={tok_dir}", f"data.path={data}", f"data.eval_path={data}", *overrides)
 
 
 def test_sft_drives_assistant_loss_down_resumes_and_exports(tok_dir, tmp_path):
-    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in chats()])
+    data = write_lines(tmp_path / "chat.jsonl", [{"messages": m} for m in chats()])
     cfg = recipe(tok_dir, data, "train.steps=40", "train.ckpt_every=20")
     assert cfg.train.warmup_steps == 5 and cfg.data.packing
     summary = sft(cfg, tmp_path / "run")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 40 and rows[1]["lr"] > rows[0]["lr"]
     assert summary["last_loss"] < 0.5 * summary["first_loss"], summary
     assert summary["eval_loss"] < 0.5 * summary["first_loss"]
@@ -108,7 +97,7 @@ def test_sft_drives_assistant_loss_down_resumes_and_exports(tok_dir, tmp_path):
 
 
 def test_bad_chat_data_is_one_line(tok_dir, tmp_path):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    bad = write_lines(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DscoderError, match=r"bad.jsonl:1: no assistant message"):
         sft(recipe(tok_dir, bad), tmp_path / "run")
     (tmp_path / "worse.jsonl").write_text('{"messages": [}\n')
@@ -123,7 +112,7 @@ def test_run_layer_settings_and_faults(tok_dir, tmp_path):
     length past the context and a non-finite loss stop the run with one line (the shared run layer)."""
     from dscoder.errors import ConfigError
 
-    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in chats(8)])
+    data = write_lines(tmp_path / "chat.jsonl", [{"messages": m} for m in chats(8)])
     common = ["train.steps=1", "train.export=false", "data.eval_path="]
     f32 = sft(recipe(tok_dir, data, *common, "train.dtype=float32"), tmp_path / "f32")
     bf16 = sft(recipe(tok_dir, data, *common, "train.dtype=bfloat16"), tmp_path / "bf16")

@@ -3,35 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import jsonl_rows, torchrun
 from dscoder.cli import main
-from dscoder.data.pipeline import BuildConfig, build
 from dscoder.errors import CheckpointError, ConfigError, DscoderError
 from dscoder.train.config import TrainConfig
 from dscoder.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(stdlib_build):
     """A small real corpus: two standard-library packages, built with a 512-token BPE."""
-    root = tmp_path_factory.mktemp("train-data")
-    for pkg in ("json", "email"):
-        shutil.copytree(STDLIB / pkg, root / "src" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    build(BuildConfig(sources=[str(root / "src")], out=str(root / "build"), tasks=1, vocab_size=512,
-                      humaneval=False), workers=1)
-    return root / "build"
+    return stdlib_build
 
 
 def _config(data_dir, *overrides):
@@ -41,7 +31,7 @@ def _config(data_dir, *overrides):
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in jsonl_rows(run / "metrics.jsonl")]
 
 
 def test_loss_falls(data_dir, tmp_path):
@@ -50,7 +40,7 @@ def test_loss_falls(data_dir, tmp_path):
     losses = _losses(tmp_path / "run")
     assert len(losses) == 120 and last["step"] == 120
     assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5 - 1.0, losses  # from ln(512) ≈ 6.2 nats
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "run" / "metrics.jsonl")
     assert all(r["aux_loss"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in rows)
     assert rows[0]["expert_load_max"] >= 1.0 and rows[1]["lr"] > rows[0]["lr"]  # warmup
     assert (tmp_path / "run" / "loss.png").exists()
@@ -110,13 +100,9 @@ def test_bad_input(data_dir, tmp_path, capsys):
 
 
 def _torchrun(data_dir, out: Path, strategy: str) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", "-m", "dscoder.cli", "train", "pretrain",
-           "--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(out), f"data.path={data_dir}",
-           "data.seq_len=64", "data.shard=rows", "train.micro_batch=2", "train.steps=4", "train.warmup_steps=2",
-           "train.ckpt_every=4", f"parallel.strategy={strategy}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun("train", "pretrain", "--config", "tiny", "--out", str(out), f"data.path={data_dir}",
+                    "data.seq_len=64", "data.shard=rows", "train.micro_batch=2", "train.steps=4",
+                    "train.warmup_steps=2", "train.ckpt_every=4", f"parallel.strategy={strategy}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _losses(out)
 
@@ -135,7 +121,7 @@ def test_torchrun_matches_one_process(data_dir, tmp_path, strategy):
 def test_long_context_stages_and_activation_checkpointing(data_dir, tmp_path):
     stages = "stages=[{steps=4, seq_len=32}, {steps=4, seq_len=96, micro_batch=2, rope_factor=8.0}]"
     pretrain(_config(data_dir, stages, "train.ckpt_every=4"), tmp_path / "run")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = jsonl_rows(tmp_path / "run" / "metrics.jsonl")
     assert [r["seq_len"] for r in rows] == [32] * 4 + [96] * 4
     assert rows[4]["lr"] == rows[0]["lr"] < rows[1]["lr"] and rows[3]["lr"] < rows[1]["lr"]  # a schedule per stage
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
