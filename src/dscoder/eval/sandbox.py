@@ -39,9 +39,9 @@ Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces on
   whole filesystem view read-only (``mount_setattr`` recursive on ``/``) with fresh tmpfs on ``/tmp`` (the working
   directory), ``/var/tmp`` and ``/dev/shm``, and empty read-only tmpfs over every top-level directory but the
   system's (``/home``, ``/root``, ``/run``, ``/opt``, a checkout, …: host unix sockets, users' files and projects
-  live there), over ``/dev/pts`` (no host ptys) and over the interpreters' site-packages; ``/dev/null`` over the
-  files at the top of ``/``; the interpreter (and command-mode tools) re-exposed read-only at their own paths; a
-  fresh ``/proc``. The candidate runs as uid 61000 + n, the checker as uid 62000 + n, n the slot's number
+  live there), over ``/dev/pts`` (no host ptys) and over the site-packages of the interpreters and of the harness's
+  environment; ``/dev/null`` over the files at the top of ``/``; the interpreter (and command-mode tools)
+  re-exposed read-only at their own paths; a fresh ``/proc``. The candidate runs as uid 61000 + n, the checker as uid 62000 + n, n the slot's number
   (reserved machine-wide, so no two sandboxes share a uid), both without groups, capabilities or new
   privileges; the checker is not dumpable, so the candidate cannot read or trace it. A cgroup per worker slot (v1
   ``memory``+``pids`` or v2 with both controllers, where writable; ``cpu`` too where there) caps the memory (swap
@@ -652,12 +652,16 @@ def _top_files() -> list[str]:
 
 
 def _site_packages() -> list[str]:
+    """The site-packages of the base interpreter, /usr and /usr/local, and those this process imports from (its
+    virtual environment's, wherever it lives: one under /usr/local or /var would otherwise be in view)."""
     found = set()
-    for prefix in {str(Path(sys.base_prefix).resolve()), "/usr", "/usr/local"}:
+    places = [p for p in sys.path if os.path.basename(p.rstrip("/")) in ("site-packages", "dist-packages")]
+    for prefix in {str(Path(sys.base_prefix).resolve()), str(Path(sys.prefix).resolve()), "/usr", "/usr/local"}:
         for pattern in SITE_PACKAGES:
-            for path in glob.glob(os.path.join(prefix, pattern)):
-                if os.path.isdir(path) and not os.path.islink(path):
-                    found.add(str(Path(path).resolve()))
+            places += glob.glob(os.path.join(prefix, pattern))
+    for path in places:
+        if os.path.isdir(path) and not os.path.islink(path):
+            found.add(str(Path(path).resolve()))
     return sorted(found)
 
 
