@@ -541,3 +541,34 @@ def test_the_harness_environments_packages_are_masked_wherever_it_lives(monkeypa
         shutil.rmtree(venv, ignore_errors=True)
     assert result.passed, result.reason
     assert result.stdout.strip() == "[]"
+
+
+@isolated
+def test_a_run_ends_with_its_harness():
+    """A harness killed with kill -9 (OOM killer, a crash) left its in-flight run alive for ever: a sleeping candidate
+    and its waiting checker, under uids that the next sandbox's reservation then handed out again."""
+    import sys
+    import time
+
+    harness = subprocess.Popen([sys.executable, "-c", "from dscoder.eval.sandbox import Limits, Sandbox\n"
+                                "s = Sandbox(Limits(timeout_s=60), workers=1)\nprint(s._numbers, flush=True)\n"
+                                "s.run('import time\\ntime.sleep(1000)\\n', None)\n"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        numbers = [int(n) for n in harness.stdout.readline().strip("[]\n").split(",")]
+        uids = ",".join(str(base + n) for base in (61000, 62000) for n in numbers)
+
+        def alive() -> bool:
+            return subprocess.run(["pgrep", "-u", uids], capture_output=True).stdout != b""
+
+        deadline = time.monotonic() + 10
+        while not alive() and time.monotonic() < deadline:  # until the run is there
+            time.sleep(0.02)
+        assert alive()
+    finally:
+        harness.kill()
+        harness.wait()
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive()

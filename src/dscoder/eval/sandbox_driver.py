@@ -14,6 +14,7 @@ import builtins
 import ctypes
 import os
 import resource
+import signal
 import sys
 
 
@@ -173,7 +174,7 @@ OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, MOUNT_ATTR_RDONLY = 1, 4, 1
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 12, 1 << 14, 1 << 18
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 4, 22, 38, 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, SECCOMP_MODE_FILTER = 1, 4, 22, 38, 2
 # (audit architecture, syscall numbers) of the architectures the seccomp filter knows
 ARCHES = {
     "x86_64": (0xC000003E, dict(
@@ -602,6 +603,7 @@ def launcher(sock_fd, cgroups):
     except OSError:
         pass
     sock = socket.socket(fileno=sock_fd)
+    launcher_pid = os.getpid()
     running = []
     while True:
         try:
@@ -621,14 +623,31 @@ def launcher(sock_fd, cgroups):
         else:
             if pid == 0:
                 sock.close()
-                start(decode(msg), fds)
+                start(decode(msg), fds, launcher_pid)
             running = [pid]
         for fd in fds:
             os.close(fd)
 
 
-def start(cfg, fds):
+def start(cfg, fds, launcher_pid):
+    """Unshare the run's namespaces, fork its first process and report it. When the launcher dies (the harness was
+    killed: the launcher ends with its socket) the run ends too, rather than live on (a sleeping candidate and its
+    waiting checker would, holding the slot's uids)."""
     job, out, err, verdict, status = fds
+    first = []
+
+    def orphaned(signum, frame):
+        for pid in first:  # the namespace's first process: the kernel kills the rest with it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, orphaned)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != launcher_pid:  # it died before the prctl
+        orphaned(0, None)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("500")  # the run's processes go first when the slot is out of memory
@@ -640,13 +659,18 @@ def start(cfg, fds):
         if libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID) != 0:
             fail("unshare")
         mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # until the first process is known
         pid = os.fork()
     except BaseException as e:
         write_frame(verdict, encode(("error", "sandbox setup failed: " + str(e))))
         os._exit(70)
     if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         os.close(status)
         main(cfg)
+    first.append(pid)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.close(verdict)
     os.write(status, b"%d\n" % pid)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
