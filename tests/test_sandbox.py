@@ -572,3 +572,15 @@ def test_a_run_ends_with_its_harness():
     while alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not alive()
+
+
+@pytest.mark.parametrize("isolation", LEVELS)
+def test_no_core_dump_real_time_or_raised_priority(isolation):
+    """The kernel ignores RLIMIT_CORE = 0 when core_pattern pipes to a handler (systemd-coredump, apport): a candidate
+    that execs a program (dumpable again) and crashes would have its core written on the host; 1 is the value that
+    stops it. A harness with RLIMIT_RTPRIO or RLIMIT_NICE raised passed them on (SCHED_FIFO spinners)."""
+    probe = ("import resource as r\nprint(r.getrlimit(r.RLIMIT_CORE), r.getrlimit(r.RLIMIT_RTPRIO), "
+             "r.getrlimit(r.RLIMIT_NICE))\n")
+    result = sandbox(isolation).run(probe, None)
+    assert result.passed, result.reason
+    assert result.stdout.strip() == "(1, 1) (0, 0) (0, 0)"

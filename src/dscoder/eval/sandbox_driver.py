@@ -540,7 +540,9 @@ def main(cfg):
             setup(cfg)
         for res, value in ((resource.RLIMIT_AS, cfg["memory"]), (resource.RLIMIT_CPU, cfg["cpu"]),
                            (resource.RLIMIT_FSIZE, cfg["fsize"]), (resource.RLIMIT_NOFILE, cfg["nofile"]),
-                           (resource.RLIMIT_CORE, 0), (getattr(resource, "RLIMIT_RTPRIO", None), 0),
+                           # a core limit of 1, not 0: the kernel ignores the limit when core_pattern pipes to a
+                           # handler (systemd-coredump, apport: a core written on the host), except the value 1
+                           (resource.RLIMIT_CORE, 1), (getattr(resource, "RLIMIT_RTPRIO", None), 0),
                            (getattr(resource, "RLIMIT_NICE", None), 0)):
             if res is not None:  # no real-time scheduling, no raised priority (a harness may have either)
                 resource.setrlimit(res, (value, value))
