@@ -584,3 +584,16 @@ def test_no_core_dump_real_time_or_raised_priority(isolation):
     result = sandbox(isolation).run(probe, None)
     assert result.passed, result.reason
     assert result.stdout.strip() == "(1, 1) (0, 0) (0, 0)"
+
+
+@pytest.mark.parametrize("isolation", LEVELS)
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="the seccomp filter knows x86-64, aarch64")
+def test_linux_aio_is_refused(isolation):
+    """Sixteen io_setup(4096) calls drained the machine-wide pool of AIO contexts (fs.aio-max-nr = 65536): the host's
+    own io_setup failed with EAGAIN for as long as the run lived."""
+    number = {"x86_64": 206, "aarch64": 0}[os.uname().machine]
+    probe = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nctx = ctypes.c_ulong(0)\n"
+             f"r = libc.syscall({number}, 4096, ctypes.byref(ctx))\nprint(r, ctypes.get_errno())\n")
+    result = sandbox(isolation).run(probe, None)
+    assert result.passed, result.reason
+    assert result.stdout.split() == ["-1", "1"]  # EPERM

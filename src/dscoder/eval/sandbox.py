@@ -33,31 +33,32 @@ stdout and stderr are separate capped files, so nothing the candidate prints can
 
 Two isolation levels, chosen automatically (``Sandbox(isolation=...)`` forces one):
 
-``namespaces`` (root on Linux 5.12 or later; CI and most containers):
-  new network, mount, PID, IPC and UTS namespaces per run, forked by the worker slot's launcher (a process made
-  once per slot, in the slot's cgroup, so that a run starts without an interpreter start or a cgroup move); the
-  whole filesystem view read-only (``mount_setattr`` recursive on ``/``) with fresh tmpfs on ``/tmp`` (the working
-  directory), ``/var/tmp`` and ``/dev/shm``, and empty read-only tmpfs over every top-level directory but the
-  system's (``/home``, ``/root``, ``/run``, ``/opt``, a checkout, …: host unix sockets, users' files and projects
-  live there), over ``/dev/pts`` (no host ptys) and over the site-packages of the interpreters and of the harness's
-  environment; ``/dev/null`` over the files at the top of ``/``; the interpreter (and command-mode tools)
-  re-exposed read-only at their own paths; a fresh ``/proc``. The candidate runs as uid 61000 + n, the checker as uid 62000 + n, n the slot's number
-  (reserved machine-wide, so no two sandboxes share a uid), both without groups, capabilities or new
-  privileges; the checker is not dumpable, so the candidate cannot read or trace it. A cgroup per worker slot (v1
-  ``memory``+``pids`` or v2 with both controllers, where writable; ``cpu`` too where there) caps the memory (swap
-  included), the number of tasks and (with ``cpu``) the CPU time to one CPU of the whole run; an OOM kill is
-  reported as "memory limit". Where no cgroup is writable, only the per-process limits below hold.
+``namespaces`` (root on Linux 5.12 or later; CI and most containers): new network, mount, PID, IPC and UTS
+  namespaces per run, forked by the worker slot's launcher (a process made once per slot, in the slot's cgroup, so
+  that a run starts without an interpreter start or a cgroup move); the whole filesystem view read-only
+  (``mount_setattr`` recursive on ``/``) with fresh tmpfs on ``/tmp`` (the working directory), ``/var/tmp`` and
+  ``/dev/shm``, and empty read-only tmpfs over every top-level directory but the system's (``/home``, ``/root``,
+  ``/run``, ``/opt``, a checkout, …: host unix sockets, users' files and projects live there), over ``/dev/pts`` (no
+  host ptys) and over the site-packages of the interpreters and of the harness's environment; ``/dev/null`` over the
+  files at the top of ``/``; the interpreter (and command-mode tools) re-exposed read-only at their own paths; a
+  fresh ``/proc``. The candidate runs as uid 61000 + n, the checker as uid 62000 + n, n the slot's number (reserved
+  machine-wide, so no two sandboxes share a uid), both without groups, capabilities or new privileges; the checker
+  is not dumpable, so the candidate cannot read or trace it. A cgroup per worker slot (v1 ``memory``+``pids`` or v2
+  with both controllers, where writable; ``cpu`` too where there) caps the memory (swap included), the number of
+  tasks and (with ``cpu``) the CPU time to one CPU of the whole run; an OOM kill is reported as "memory limit".
+  Where no cgroup is writable, only the per-process limits below hold.
 ``process`` (anything else): the same checker split and limits in a scratch directory, without namespaces, uids or
   cgroups; the program can read and write what the user can and reach the network (and, running as the same user
   as the harness, could forge a verdict through ``/proc``). Use it only for trusted code.
 
 Both levels: a seccomp filter on the candidate (x86-64 and aarch64) refuses namespaces (``unshare``, ``setns``,
 ``clone`` with a ``CLONE_NEW*`` flag; ``clone3`` answers ENOSYS so libc falls back to ``clone``), mounts, keyrings,
-``bpf``, ``ptrace``, ``process_vm_*``, ``perf_event_open``, ``userfaultfd``, ``io_uring``, sockets of any family
-but AF_INET and AF_INET6 (unix, vsock, netlink, ...) and datagram socketpairs, and kills a process that calls in
-another ABI; per-process limits (address space, CPU time, processes of its uid, file size, open files, no core
-files, no real-time or raised priority); a wall-clock timeout enforced from outside (killing the namespace's first
-process kills everything in it); output capped; an environment of ``PATH``, ``HOME``, ``LANG`` only.
+``bpf``, ``ptrace``, ``process_vm_*``, ``perf_event_open``, ``userfaultfd``, ``io_uring``, Linux AIO (a machine-wide
+pool), sockets of any family but AF_INET and AF_INET6 (unix, vsock, netlink, ...) and datagram socketpairs, and
+kills a process that calls in another ABI; per-process limits (address space, CPU time, processes of its uid, file
+size, open files, no core files, no real-time or raised priority); a wall-clock timeout enforced from outside
+(killing the namespace's first process kills everything in it); output capped; an environment of ``PATH``, ``HOME``,
+``LANG`` only.
 """
 
 from __future__ import annotations

@@ -182,13 +182,13 @@ ARCHES = {
         add_key=248, request_key=249, keyctl=250, bpf=321, ptrace=101, process_vm_readv=310, process_vm_writev=311,
         kcmp=312, perf_event_open=298, userfaultfd=323, io_uring_setup=425, io_uring_enter=426,
         io_uring_register=427, open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-        mount_setattr=442, socket=41, socketpair=53)),
+        mount_setattr=442, socket=41, socketpair=53, io_setup=206)),
     "aarch64": (0xC00000B7, dict(
         unshare=97, setns=268, clone=220, clone3=435, mount=40, umount2=39, pivot_root=41, chroot=51,
         add_key=217, request_key=218, keyctl=219, bpf=280, ptrace=117, process_vm_readv=270, process_vm_writev=271,
         kcmp=272, perf_event_open=241, userfaultfd=282, io_uring_setup=425, io_uring_enter=426,
         io_uring_register=427, open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-        mount_setattr=442, socket=198, socketpair=199)),
+        mount_setattr=442, socket=198, socketpair=199, io_setup=0)),
 }
 # refused with EPERM (clone only with a CLONE_NEW* flag; socket for every family but AF_INET and AF_INET6, whose
 # network is the run's own: AF_UNIX reaches the host's socket files, AF_VSOCK is not namespaced and reaches the
@@ -197,7 +197,8 @@ ARCHES = {
 DENY = ("unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "add_key", "request_key", "keyctl", "bpf",
         "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "perf_event_open", "userfaultfd",
         "io_uring_setup", "io_uring_enter", "io_uring_register", "open_tree", "move_mount", "fsopen", "fsconfig",
-        "fsmount", "fspick", "mount_setattr")
+        "fsmount", "fspick", "mount_setattr",
+        "io_setup")  # Linux AIO contexts come from one machine-wide pool (fs.aio-max-nr): a run could drain it
 CLONE_NEW_ANY = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID
                  | CLONE_NEWNET)
 AF_INET, AF_INET6, SOCK_DGRAM, SOCK_TYPE_MASK = 2, 10, 2, 0xF
