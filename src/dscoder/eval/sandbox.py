@@ -156,13 +156,13 @@ class Sandbox:
             raise DscoderError(f"unknown sandbox isolation '{self.isolation}' (auto, namespaces or process)")
         self.workers = self.workers or os.cpu_count() or 1
         count = max(self.workers, 1) * 2
+        # (with many sandboxes on one machine, as few as one slot per worker)
+        self._numbers, self._locks = _reserve_slots(count, max(self.workers, 1)) \
+            if self.isolation == "namespaces" else (list(range(count)), [])
         self._slots: queue.Queue[int] = queue.Queue()
-        for slot in range(count):
+        for slot in range(len(self._numbers)):
             self._slots.put(slot)
-        self._numbers, self._locks = _reserve_slots(count) if self.isolation == "namespaces" \
-            else (list(range(count)), [])
-        self._cgroups = _Cgroups.create(self.limits, max(self.workers, 1) * 2) \
-            if self.isolation == "namespaces" else None
+        self._cgroups = _Cgroups.create(self.limits, len(self._numbers)) if self.isolation == "namespaces" else None
         self._launchers: dict[int, _Launcher] = {}
         self._hide = _hidden_dirs() if self.isolation == "namespaces" else []
         self._mask = _site_packages() if self.isolation == "namespaces" else []
@@ -518,9 +518,9 @@ def _shutdown(launchers: dict[int, _Launcher], cgroup_dirs: list[Path], locks: l
         os.close(fd)
 
 
-def _reserve_slots(count: int) -> tuple[list[int], list[int]]:
-    """``count`` slot numbers no other Sandbox on this machine holds, and the locked files that hold them (the kernel
-    drops the locks of a process that dies)."""
+def _reserve_slots(count: int, least: int) -> tuple[list[int], list[int]]:
+    """Up to ``count`` (at least ``least``) slot numbers no other Sandbox on this machine holds, and the locked files
+    that hold them (the kernel drops the locks of a process that dies)."""
     import fcntl
 
     for parent in _SLOT_LOCKS:
@@ -546,10 +546,13 @@ def _reserve_slots(count: int) -> tuple[list[int], list[int]]:
         numbers.append(n)
         locks.append(fd)
         if len(numbers) == count:
-            return numbers, locks
+            break
+    if len(numbers) >= least:
+        return numbers, locks
     for fd in locks:
         os.close(fd)
-    raise DscoderError(f"sandbox: fewer than {count} of the machine's {_SLOT_NUMBERS} worker slots are free")
+    raise DscoderError(f"sandbox: {len(numbers)} of the machine's {_SLOT_NUMBERS} worker slots are free (other "
+                       f"sandboxes hold the rest), fewer than the {least} workers asked for")
 
 
 def _kill(pid: int) -> None:
