@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over :class:`~dscoder.engine.Engine` (FastAPI + uvicorn).
 
-Routes: ``GET /health``; OpenAI's ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``
-(:mod:`dscoder.serve.openai`); llama.cpp's ``POST /infill`` (:mod:`dscoder.serve.llamacpp`). Another API family
+Routes: ``GET /health``; OpenAI's ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``,
+and DeepSeek's ``POST /beta/completions`` (:mod:`dscoder.serve.openai`); llama.cpp's ``POST /infill`` and
+``POST /completion`` (:mod:`dscoder.serve.llamacpp`). Another API family
 is one more module with a ``router``, included here. Every error is ``{"error": {"message", "type", "param",
 "code"}}`` (:mod:`dscoder.serve.errors`) with a 4xx status for the client's mistakes: bad JSON or fields (400), a
 missing or wrong bearer token (401), a body over the size cap (413), a prompt longer than the context or
@@ -24,10 +25,12 @@ ROUTERS = (openai.router, llamacpp.router)
 
 
 def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | None = None,
-               limits: Limits | None = None) -> FastAPI:
+               limits: Limits | None = None, checkpoint: str | None = None) -> FastAPI:
     """The FastAPI app; its routes read ``app.state.serve`` (a :class:`ServerState`), and ``limits`` is read per
-    request, so changing it takes effect at once."""
+    request, so changing it takes effect at once. ``checkpoint``: the checkpoint's directory, whose name tells a
+    chat/instruct checkpoint from a Base one (FIM answers from the former carry a warning)."""
     state = ServerState(engine, model_name, limits or Limits())
+    state.checkpoint = checkpoint
     app = FastAPI(title="dscoder", docs_url=None, redoc_url=None)
     app.state.serve = state
     app.state.engine, app.state.limits = engine, state.limits
@@ -46,12 +49,13 @@ def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | No
 
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "dscoder",
-          api_key: str | None = None, limits: Limits | None = None, log_level: str = "info") -> None:
+          api_key: str | None = None, limits: Limits | None = None, log_level: str = "info",
+          checkpoint: str | None = None) -> None:
     """Run the server until interrupted: HTTP on a second thread, the engine's loop on this one (on CPU, model
     compute on the thread that loaded the model avoids a second OpenMP team; see :mod:`dscoder.engine.engine`)."""
     import uvicorn
 
-    app = create_app(engine, model_name=model_name, api_key=api_key, limits=limits)
+    app = create_app(engine, model_name=model_name, api_key=api_key, limits=limits, checkpoint=checkpoint)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     stopped = threading.Event()
 

@@ -23,7 +23,7 @@ def serve(args: argparse.Namespace) -> int:
         engine.warmup()
     try:
         run_server(engine, host=args.host, port=args.port, model_name=args.model_name or args.model,
-                   api_key=args.api_key, limits=limits, log_level=args.log_level)
+                   api_key=args.api_key, limits=limits, log_level=args.log_level, checkpoint=args.model)
     finally:
         engine.close()
     return 0
@@ -33,7 +33,9 @@ def register(subparsers) -> None:
     """Add ``serve`` to the ``dscoder`` subcommands."""
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
                               description="Serve /v1/completions (with suffix for FIM), /v1/chat/completions, "
-                                          "/infill, /v1/models and /health over FastAPI + uvicorn.")
+                                          "DeepSeek's /beta/completions, llama.cpp's /infill and /completion, "
+                                          "Ollama's /api/generate, /api/chat, /api/tags and /api/show, "
+                                          "/v1/models and /health over FastAPI + uvicorn.")
     s.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with its tokenizer)")
     s.add_argument("--tokenizer", metavar="DIR")
     s.add_argument("--dtype", choices=["float32", "bfloat16"])
@@ -46,7 +48,9 @@ def register(subparsers) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
-    s.add_argument("--model-name", help="the model id clients send (default: --model)")
+    s.add_argument("--served-model-name", "--model-name", dest="model_name", metavar="NAME",
+                   help="the model id /v1/models reports and requests must name (a request naming another model "
+                        "gets 404, as OpenAI answers; default: --model)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-len", type=int, help="context in tokens: prompt + output (default: min(model, 4096))")
     s.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")

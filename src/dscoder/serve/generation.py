@@ -62,12 +62,14 @@ class Generation:
             left -= done
             yield i, self.seqs[i], delta, new, done
 
-    async def wait(self, request: Request | None = None) -> None:
+    async def wait(self, request: Request | None = None, watch=None) -> None:
         """Until every sequence is done, or raise :class:`ClientGone` as soon as ``request``'s client disconnects
-        (the caller's ``close`` then cancels the sequences); a failed sequence is a 500."""
+        (the caller's ``close`` then cancels the sequences); a failed sequence is a 500. ``watch(i, seq, delta, new,
+        done)``, when given, sees every update (a route that ends sequences early by its own rules)."""
         async def finish():
-            async for _ in self.updates():
-                pass
+            async for update in self.updates():
+                if watch is not None:
+                    watch(*update)
 
         finished = asyncio.ensure_future(finish())
         gone = asyncio.ensure_future(_disconnect(request)) if request is not None else None

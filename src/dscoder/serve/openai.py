@@ -1,5 +1,12 @@
 """OpenAI's API: ``GET /v1/models``, ``POST /v1/completions`` (``suffix`` renders DeepSeek's FIM template, as editors
-send it) and ``POST /v1/chat/completions``; ``stream`` answers with server-sent events ending in ``data: [DONE]``."""
+send it) and ``POST /v1/chat/completions``; ``stream`` answers with server-sent events ending in ``data: [DONE]``.
+DeepSeek's ``POST /beta/completions`` (completions with ``suffix``, what Continue's DeepSeek provider calls) is the same
+route, its usage also in DeepSeek's ``prompt_cache_hit_tokens``/``prompt_cache_miss_tokens``.
+
+Special-token strings in a text ``prompt`` are parsed as those tokens (as vLLM and llama.cpp do: editors render the
+FIM template into the prompt); ``suffix`` and chat messages stay text. A FIM request to a checkpoint that looks like a
+chat/instruct one gets a ``warning`` in the body and an ``X-Dscoder-Warning`` header (see
+:func:`dscoder.serve.prompts.fim_warning`)."""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from dscoder.engine import SamplingParams, Sequence
 from dscoder.errors import DscoderError
@@ -110,7 +118,15 @@ async def models(request: Request):
                                         "owned_by": "dscoder", "max_model_len": state.max_len}]}
 
 
+WARNING_HEADER = "X-Dscoder-Warning"
+
+
+def _cached(seq: Sequence) -> int:
+    return int(getattr(seq, "cached_tokens", 0) or 0)
+
+
 @router.post("/v1/completions")
+@router.post("/beta/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
     state.check_model(body.model)
@@ -130,14 +146,31 @@ async def completions(body: CompletionRequest, request: Request):
                          if state.engine.tokenizer is not None else "")
         else:
             texts.append(None)
+    warning = None
     if body.suffix:
-        prompt_ids = [await prompts.fim_ids(state, t, body.suffix) for t in texts]
+        fims = [await prompts.fim_request_ids(state, t, body.suffix) for t in texts]
+        prompt_ids, warning = [f.ids for f in fims], fims[0].warning
     else:
-        prompt_ids = [await prompts.prompt_ids(state, p) for p in prompts_in]
+        prompt_ids = [await prompts.prompt_ids(state, p, special=True) for p in prompts_in]
+        tok = state.engine.tokenizer
+        if tok is not None and tok.has_fim and any(tok.fim_begin_id in ids for ids in prompt_ids):
+            warning = prompts.fim_warning(state)
+    headers = {WARNING_HEADER: warning} if warning else {}
+    deepseek = request.url.path.startswith("/beta/")
     ids_all = [ids for ids in prompt_ids for _ in range(body.n)]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [t if body.echo else "" for t in texts]
     gen = Generation(state, ids_all, params)
+
+    def usage() -> dict:
+        """OpenAI's usage with the prompt tokens taken from the prefix cache (and DeepSeek's names for them)."""
+        out = gen.usage(body.n)
+        cached = sum(_cached(s) for s in gen.seqs[::body.n])
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+        if deepseek:
+            out["prompt_cache_hit_tokens"] = cached
+            out["prompt_cache_miss_tokens"] = out["prompt_tokens"] - cached
+        return out
 
     def chunk(i, text, finish=None, logprobs=None):
         return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
@@ -158,9 +191,11 @@ async def completions(body: CompletionRequest, request: Request):
                 if delta or done or lp:
                     yield sse(chunk(i, delta, seq.finish_reason if done else None, lp))
             if body.stream_options and body.stream_options.include_usage:
-                yield sse({**chunk(0, ""), "choices": [], "usage": gen.usage(body.n)})
+                yield sse({**chunk(0, ""), "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
-        return gen.stream(events())
+        response = gen.stream(events())
+        response.headers.update(headers)
+        return response
     try:
         await gen.wait(request)
     finally:
@@ -170,8 +205,11 @@ async def completions(body: CompletionRequest, request: Request):
         lp = completion_logprobs(state, s, 0, len(s.token_ids)) if body.logprobs is not None else None
         choices.append({"index": i, "text": echo[i // body.n] + s.text, "logprobs": lp,
                         "finish_reason": s.finish_reason})
-    return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-            "choices": choices, "usage": gen.usage(body.n)}
+    out = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+           "choices": choices, "usage": usage()}
+    if warning:
+        out["warning"] = warning
+    return JSONResponse(out, headers=headers)
 
 
 @router.post("/v1/chat/completions")
