@@ -254,11 +254,13 @@ def test_same_greedy_fim_text_from_every_route(server):
 def test_served_model_name_and_unknown_models(server):
     status, out = post_json(server, "/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "x"})
     assert status == 404 and out["error"]["code"] == "model_not_found" and NAME in out["error"]["message"]
-    for path, body in [("/beta/completions", {"model": "deepseek-coder", "prompt": "x", "suffix": "y"}),
-                       ("/infill", {"model": "other", "input_prefix": "x"}),
-                       ("/completion", {"model": "other", "prompt": "x"})]:
+    status, out = post_json(server, "/beta/completions", {"model": "deepseek-coder", "prompt": "x", "suffix": "y"})
+    assert status == 404 and out["error"]["param"] == "model", out
+    # llama.cpp's routes ignore "model", as llama.cpp's server does (llama.vscode sends the name it is configured with)
+    for path, body in [("/infill", {"model": "qwen2.5-coder", "input_prefix": "x", "n_predict": 1}),
+                       ("/completion", {"model": "qwen2.5-coder", "prompt": "x", "n_predict": 1})]:
         status, out = post_json(server, path, body)
-        assert status == 404 and out["error"]["param"] == "model", (path, out)
+        assert status == 200 and out["model"] == NAME, (path, out)
     from dscoder.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--model", "ckpt", "--served-model-name", "deepseek-coder-lite"])

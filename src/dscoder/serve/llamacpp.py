@@ -9,6 +9,7 @@ of a flat object, as llama.cpp does); ``stream`` sends ``data: {"content", "stop
 ``stop: true`` and the final fields. ``n_predict: 0`` is a cache warm-up: the prompt is prefilled, nothing generated.
 ``t_max_predict_ms`` ends generation once that time has passed and a newline has been generated; ``n_indent`` ends it
 before the first line (after the first newline) indented less than that many spaces/tabs (blank lines do not count).
+``model`` is ignored, as llama.cpp's server ignores it (llama.vscode sends its own configured name).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ def llama_params(state: ServerState, body: InfillRequest | LlamaCompletionReques
     if body.presence_penalty or body.frequency_penalty:
         raise APIError(400, "presence_penalty and frequency_penalty are not supported; use repeat_penalty",
                        param="presence_penalty" if body.presence_penalty else "frequency_penalty")
-    state.check_model(body.model)
     max_tokens = state.check_max_tokens(None if body.n_predict < 0 else body.n_predict, "n_predict")
     seed = None if body.seed is None or body.seed < 0 else body.seed & 0x7FFFFFFF
     try:
