@@ -17,11 +17,11 @@ from fastapi import FastAPI
 
 from dscoder.engine import Engine
 from dscoder.errors import DscoderError
-from dscoder.serve import errors, llamacpp, openai
+from dscoder.serve import errors, llamacpp, ollama, openai
 from dscoder.serve.middleware import BearerAuth, BodyLimit
 from dscoder.serve.state import Limits, ServerState
 
-ROUTERS = (openai.router, llamacpp.router)
+ROUTERS = (openai.router, llamacpp.router, ollama.router)
 
 
 def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -39,6 +40,10 @@ class Generation:
         self.seqs: list[Sequence] = []
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False
+        # when the request was submitted, its first token came and its last sequence ended (time.monotonic())
+        self.started_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         loop = asyncio.get_running_loop()
         try:
             for i, (ids, p) in enumerate(zip(prompts, params)):
@@ -60,6 +65,10 @@ class Generation:
         while left:
             i, delta, new, done = await self._queue.get()
             left -= done
+            if new and self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            if not left:
+                self.finished_at = time.monotonic()
             yield i, self.seqs[i], delta, new, done
 
     async def wait(self, request: Request | None = None, watch=None) -> None:
@@ -96,10 +105,11 @@ class Generation:
                 s.cancelled = True
         self.state.release()
 
-    def stream(self, events: AsyncIterator[str]) -> StreamingResponse:
-        """Server-sent ``events``; the generation is closed when the response ends, however it ends (also when the
-        client leaves before the first event, when the events never start)."""
-        return _ClosingStream(events, self.close, media_type="text/event-stream",
+    def stream(self, events: AsyncIterator[str], media_type: str = "text/event-stream") -> StreamingResponse:
+        """Server-sent ``events`` (or lines of another ``media_type``, e.g. Ollama's NDJSON); the generation is closed
+        when the response ends, however it ends (also when the client leaves before the first event, when the events
+        never start)."""
+        return _ClosingStream(events, self.close, media_type=media_type,
                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def usage(self, n: int = 1) -> dict:

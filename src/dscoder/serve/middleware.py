@@ -16,7 +16,13 @@ from dscoder.serve.errors import error_body
 OPEN_PATHS = frozenset({"/health"})
 
 
-async def _send_error(send, status: int, body: dict) -> None:
+# Ollama's API answers errors as {"error": "message"} (see dscoder.serve.ollama): its clients read a string there
+OLLAMA_PATHS = "/api/"
+
+
+async def _send_error(send, status: int, body: dict, scope=None) -> None:
+    if scope is not None and scope.get("path", "").startswith(OLLAMA_PATHS):
+        body = {"error": body["error"]["message"]}
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
@@ -36,7 +42,8 @@ class BearerAuth:
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode("latin-1"),
                                                                         self.api_key.encode()):
                 await _send_error(send, 401, error_body("missing or invalid API key (send 'Authorization: Bearer "
-                                                        "<key>')", "authentication_error", code="invalid_api_key"))
+                                                        "<key>')", "authentication_error", code="invalid_api_key"),
+                                  scope)
                 return
         await self.app(scope, receive, send)
 
@@ -64,11 +71,11 @@ class BodyLimit:
             try:
                 size = int(declared)
             except ValueError:
-                await _send_error(send, 400, error_body("Content-Length is not a number"))
+                await _send_error(send, 400, error_body("Content-Length is not a number"), scope)
                 return
             if size > limit:
                 await _drain(receive, size > 0)
-                await self._refuse(send, f"has {size} bytes", limit)
+                await self._refuse(scope, send, f"has {size} bytes", limit)
                 return
         chunks, size = [], 0
         while True:
@@ -80,7 +87,7 @@ class BodyLimit:
             size += len(chunk)
             if size > limit:
                 await _drain(receive, message.get("more_body", False))
-                await self._refuse(send, "is longer", limit)
+                await self._refuse(scope, send, "is longer", limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -88,9 +95,9 @@ class BodyLimit:
         await self.app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
                                       receive), send)
 
-    async def _refuse(self, send, what: str, limit: int) -> None:
+    async def _refuse(self, scope, send, what: str, limit: int) -> None:
         await _send_error(send, 413, error_body(f"the request body {what}; this server accepts at most {limit} bytes "
-                                                f"({self.explain(limit)})", code="request_too_large"))
+                                                f"({self.explain(limit)})", code="request_too_large"), scope)
 
 
 async def _drain(receive, more: bool) -> None:
