@@ -424,6 +424,7 @@ class _Cgroups:
                         (mem / "memory.memsw.limit_in_bytes").write_text(swap)
                     (pids / "pids.max").write_text(tasks)
                     dirs.append([mem, pids, *_cpu_v1(cpu / name / f"slot{slot}", made)])
+                _write(cpu / name / "cpu.shares", str(min(1024 * -(-slots // 2), 262144)))  # see _write
                 return cls("v1", dirs, "memory.oom_control", [root / name for root in (*v1, cpu)])
             root = Path("/sys/fs/cgroup")
             controllers = (root / "cgroup.controllers").read_text().split() \
@@ -435,6 +436,7 @@ class _Cgroups:
                 parent.mkdir()
                 made.append(parent)
                 (parent / "cgroup.subtree_control").write_text(wanted)
+                _write(parent / "cpu.weight", str(min(100 * -(-slots // 2), 10000)))  # see _write
                 dirs = []
                 for slot in range(slots):
                     d = parent / f"slot{slot}"
@@ -464,6 +466,17 @@ class _Cgroups:
         except (OSError, ValueError):
             pass
         return 0
+
+
+def _write(path: Path, value: str) -> None:
+    """Write a cgroup setting if the file is there. The slots' parent's CPU weight: one default weight per worker
+    (half the slots: the runs at once), so that under contention the sandbox as a whole gets the share its running
+    launchers had in sessions of their own (one default weight each) rather than one."""
+    try:
+        if path.exists():
+            path.write_text(value)
+    except OSError:
+        pass
 
 
 def _cpu_v1(d: Path, made: list[Path]) -> list[Path]:
