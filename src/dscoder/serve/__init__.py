@@ -3,7 +3,7 @@
 ``app`` assembles it; ``state`` holds what routes share; ``openai`` and ``llamacpp`` are the API families' routes;
 ``protocol`` the request bodies; ``prompts`` tokenizing off the event loop with size checks first; ``generation`` a
 request's run on the engine (admission, updates, cancel on disconnect); ``middleware`` auth and the body cap;
-``errors`` OpenAI-shaped errors.
+``errors`` OpenAI-shaped errors; ``page`` the playground at ``/`` (``static/playground.html``) and ``/props``.
 """
 
 __all__ = ["Limits", "create_app", "serve"]

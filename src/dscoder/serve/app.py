@@ -2,7 +2,8 @@
 
 Routes: ``GET /health``; OpenAI's ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``,
 and DeepSeek's ``POST /beta/completions`` (:mod:`dscoder.serve.openai`); llama.cpp's ``POST /infill`` and
-``POST /completion`` (:mod:`dscoder.serve.llamacpp`). Another API family
+``POST /completion`` (:mod:`dscoder.serve.llamacpp`); the playground page ``GET /`` and the model's facts
+``GET /props`` (:mod:`dscoder.serve.page`). Another API family
 is one more module with a ``router``, included here. Every error is ``{"error": {"message", "type", "param",
 "code"}}`` (:mod:`dscoder.serve.errors`) with a 4xx status for the client's mistakes: bad JSON or fields (400), a
 missing or wrong bearer token (401), a body over the size cap (413), a prompt longer than the context or
@@ -17,11 +18,11 @@ from fastapi import FastAPI
 
 from dscoder.engine import Engine
 from dscoder.errors import DscoderError
-from dscoder.serve import errors, llamacpp, ollama, openai
+from dscoder.serve import errors, llamacpp, ollama, openai, page
 from dscoder.serve.middleware import BearerAuth, BodyLimit
 from dscoder.serve.state import Limits, ServerState
 
-ROUTERS = (openai.router, llamacpp.router, ollama.router)
+ROUTERS = (openai.router, llamacpp.router, ollama.router, page.router)
 
 
 def create_app(engine: Engine, *, model_name: str = "dscoder", api_key: str | None = None,

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                               description="Serve /v1/completions (with suffix for FIM), /v1/chat/completions, "
                                           "DeepSeek's /beta/completions, llama.cpp's /infill and /completion, "
                                           "Ollama's /api/generate, /api/chat, /api/tags and /api/show, "
-                                          "/v1/models and /health over FastAPI + uvicorn.")
+                                          "/v1/models, /props and /health, and a playground page at / "
+                                          "(chat, FIM, tokens/s) over FastAPI + uvicorn.")
     s.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with its tokenizer)")
     s.add_argument("--tokenizer", metavar="DIR")
     s.add_argument("--dtype", choices=["float32", "bfloat16"])

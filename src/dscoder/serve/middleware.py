@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from dscoder.serve.errors import error_body
 
-# paths that need no bearer token
-OPEN_PATHS = frozenset({"/health"})
+# paths that need no bearer token (the playground page asks for the key itself; the routes it calls need it)
+OPEN_PATHS = frozenset({"/health", "/"})
 
 
 # Ollama's API answers errors as {"error": "message"} (see dscoder.serve.ollama): its clients read a string there
