@@ -324,3 +324,77 @@ def test_seq_len_past_the_context_is_refused(data_dir, tmp_path):
         pretrain(_config(data_dir, "stages=[{steps=1, seq_len=64}, {steps=1, seq_len=4096, rope_factor=8.0}]"),
                  tmp_path / "b")
     assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_recipe_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_bytes(b"[train]\nsteps = 1 # \xff\xfe\n")
+    assert main(["train", "pretrain", "--config", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = _messages(capsys)
+    assert err == [f"dscoder: error: {recipe}: not a TOML file (not valid UTF-8 at byte 20)"], err
+
+
+def test_training_into_a_data_build_is_refused(data_dir, tmp_path):
+    """--out naming the data build would put a run (and a tokenizer copy over its own) into it."""
+    build = tmp_path / "build"
+    shutil.copytree(data_dir, build)
+    before = sorted(p.relative_to(build) for p in build.rglob("*"))
+    with pytest.raises(DscoderError, match="holds a data build"):
+        pretrain(_config(build, "train.steps=1"), build)
+    assert sorted(p.relative_to(build) for p in build.rglob("*")) == before
+
+
+def test_export_refuses_a_folder_holding_other_files(tmp_path, capsys):
+    """Only a new or empty directory, or one holding nothing but an earlier export, is written over."""
+    import dscoder
+    from dscoder.train import checkpoint as ckpt
+
+    model = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=0)
+    ckpt.save(tmp_path / "run", 1, model, torch.optim.AdamW(model.parameters()), extra={"step": 1},
+              meta={"model": model.config.to_hf_dict()}, keep=1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    (mine / "notes.md").write_text("mine")
+    assert main(["export", str(tmp_path / "run"), "--out", str(mine)]) == 2
+    err = _messages(capsys)
+    assert len(err) == 1 and "holds files an export does not write (notes.md)" in err[0], err
+    assert (mine / "config.json").read_text() == '{"mine": true}'
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "empty"):  # an empty folder, then the earlier export it now holds
+        assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    (tmp_path / "empty" / ".model.safetensors.x1y2.tmp").write_bytes(b"")  # what an interrupted export leaves
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "empty")]) == 0
+
+
+def test_ctrl_c_stops_training_in_one_line_and_resume_goes_on(data_dir, tmp_path):
+    """SIGINT while pre-training: exit 130 with one line, no traceback; --resume continues from the newest
+    checkpoint and the metrics hold every step once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dscoder.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    argv = ["train", "pretrain", "--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(run),
+            f"data.path={data_dir}", "data.seq_len=64", "train.micro_batch=2", "train.ckpt_every=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "dscoder.cli", *argv, "train.steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
+    try:
+        deadline = time.monotonic() + 180
+        while not ckpt.checkpoints(run) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None and ckpt.checkpoints(run), "no checkpoint written"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("dscoder")]
+    assert proc.returncode == 130 and lines == ["dscoder: interrupted"] and "Traceback" not in err, err[-2000:]
+    step = int(ckpt.checkpoints(run)[-1].name.split("-")[1])
+    assert main([*argv[:6], "--resume", *argv[6:], f"train.steps={step + 2}"]) == 0
+    assert [row["step"] for row in jsonl_rows(run / "metrics.jsonl")] == list(range(1, step + 3))

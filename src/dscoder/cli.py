@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "against its checksums first.")
     ex.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     ex.add_argument("--out", required=True,
-                    help="a new directory (not a file, the run itself, inside its checkpoints/, or another run)")
+                    help="a new or empty directory, or an earlier export to replace (not a file, the run itself, "
+                         "inside its checkpoints/, another run, or a folder holding other files)")
     ex.add_argument("--dtype", choices=["float32", "bfloat16"], help="stored dtype (default: float32)")
     ex.set_defaults(func=export_checkpoint)
 

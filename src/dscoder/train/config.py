@@ -193,9 +193,11 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(recipe_path(path).read_text())
+            raw = tomllib.loads(recipe_path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a TOML file (not valid UTF-8 at byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
     for item in overrides:

@@ -1,13 +1,15 @@
 """``dscoder export``: a training checkpoint → an HF checkpoint directory (config, safetensors, tokenizer).
 
 The checkpoint is verified against its manifest first (a run directory exports its newest intact checkpoint). The
-output may not be a file, the run directory itself or a place inside its checkpoints, or another run: an export
-never writes over a run's files. The run's tokenizer (``RUN/tokenizer``, or the directory its checkpoint names) is
-exported with the weights; a run without one, or non-finite weights, get a one-line warning.
+output may not be a file, the run directory itself or a place inside its checkpoints, another run, or a directory
+holding files an export does not write: an export never writes over a run's files or anything else a user made.
+The run's tokenizer (``RUN/tokenizer``, or the directory its checkpoint names) is exported with the weights; a run
+without one, or non-finite weights, get a one-line warning.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -50,6 +52,18 @@ def check_out(out: Path, run: Path) -> None:
                            f"directory")
     if (target / "checkpoints").is_dir() or (target / "metrics.jsonl").is_file():
         raise DscoderError(f"{out}: --out holds a training run; give a new directory")
+    if target.is_dir():
+        other = sorted(p.name for p in target.iterdir() if not _EXPORT_NAME.fullmatch(p.name))
+        if other:
+            raise DscoderError(f"{out}: --out holds files an export does not write ({', '.join(other[:3])}); give a "
+                               f"new or empty directory, or an earlier export to replace")
+
+
+# what an export writes (weights, config, tokenizer, the run's meta) and the temporary names of an interrupted one:
+# only a directory holding nothing else may be written over
+_EXPORT_NAME = re.compile(r"\.?(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                          r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|"
+                          r"special_tokens_map\.json|dscoder_training_meta\.json)(\..+\.tmp)?")
 
 
 def run_tokenizer(checkpoint: Path, meta: dict) -> Path | None:

@@ -162,6 +162,9 @@ class Run:
         if ckpt.checkpoints(self.out) and not resume:
             raise DscoderError(f"{self.out}: already holds checkpoints; pass --resume to continue, or choose another "
                                f"--out")
+        if (self.out / "build.json").is_file():
+            raise DscoderError(f"{self.out}: holds a data build (its tokenizer/ would be replaced); choose another "
+                               f"--out")
         if (self.out / "config.json").is_file() and not _is_recipe(self.out / "config.json"):
             raise DscoderError(f"{self.out}: holds a config.json that is not a training run's (an HF checkpoint?); "
                                f"choose another --out")
