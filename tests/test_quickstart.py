@@ -52,6 +52,24 @@ def test_bad_arguments_and_missing_stages(tmp_path, capsys):
         quickstart(tmp_path, mbpp=tmp_path / "nowhere.jsonl")
 
 
+def test_out_that_is_not_a_quickstart_is_left_alone(tmp_path, capsys):
+    """--out a file, --stage over a folder that is not a quickstart's (it would delete the user's data/), a
+    garbage timings.json, --minutes nan: one line each, nothing deleted."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    (tmp_path / "proj" / "data" / "notes.txt").write_text("mine")
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "timings.json").write_text("{")
+    for argv, says in [(["--out", str(tmp_path / "file")], "is a file"),
+                       (["--out", str(tmp_path / "proj"), "--stage", "data"], "not a quickstart folder"),
+                       (["--out", str(tmp_path / "qs"), "--stage", "report"], "timings.json: unreadable"),
+                       (["--out", str(tmp_path / "qs"), "--minutes", "nan"], "--minutes must be at least 3")]:
+        assert main(["quickstart", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dscoder: error: ") and says in err and err.count("\n") == 1, err
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "proj" / "data" / "notes.txt").exists()
+
+
 def test_quickstart_reads_nothing_outside_the_package():
     """The recipe comes from package data and no path outside the project is spelled in the code."""
     import dscoder.quickstart as qs

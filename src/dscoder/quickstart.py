@@ -252,21 +252,29 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 12.0, stage
     """Run (or resume) the quickstart into ``out``; ``minutes`` is the whole budget, most of it pre-training.
     ``stage`` reruns just that stage (its old output is removed; earlier stages must be done). ``mbpp``: an MBPP
     jsonl to decontaminate the corpus against as well as HumanEval (the data stage)."""
-    if minutes < 3:
+    if not 3 <= minutes < math.inf:  # also refuses nan
         raise DscoderError("--minutes must be at least 3 (data and evaluation alone take about 2)")
     if stage is not None and stage not in STAGES:
         raise DscoderError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
     if mbpp is not None and not Path(mbpp).is_file():
         raise DscoderError(f"--mbpp {mbpp}: no such file (expected MBPP's mbpp.jsonl)")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DscoderError(f"--out {out}: is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
     if stage is not None:
         for name in _OUTPUTS[stage]:
             target = out / name
+            if target.exists() and not (out / "timings.json").is_file():  # not a quickstart's: never deleted
+                raise DscoderError(f"--out {out}: not a quickstart folder (no timings.json); --stage {stage} would "
+                                   f"delete {target}")
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     start = time.perf_counter()
     timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    try:
+        timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    except (ValueError, OSError) as e:
+        raise DscoderError(f"{timings_path}: unreadable ({e}); delete it to rerun") from None
     for name in ([stage] if stage else STAGES):
         began = time.perf_counter()
         if name == "data":
