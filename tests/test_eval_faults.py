@@ -96,6 +96,56 @@ def test_pass_at_k_beyond_the_samples_generated_is_refused(tmp_path, capsys):
     assert "pass@5 needs --n 5" in _error(capsys)
 
 
+def test_pass_at_k_beyond_the_samples_in_the_file_is_refused(tmp_path, capsys):
+    """--samples with fewer samples per problem than k: one line (it used to exit 0 with no scores at all)."""
+    data = _gsm8k(tmp_path)
+    two = write_lines(tmp_path / "s.jsonl", [{"task_id": "GSM8K/0", "completion": "7"},
+                                             {"task_id": "GSM8K/0", "completion": "8"},
+                                             {"task_id": "GSM8K/1", "completion": "1200"}])
+    argv = ["eval", "gsm8k", "--gsm8k", str(data), "--samples", str(two), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--k", "1,2"]) == 2
+    assert "--k 2: " in (line := _error(capsys)) and "1 sample(s) for GSM8K/1" in line
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--k", "1"]) == 0
+
+
+def test_endpoints_that_are_not_urls_or_not_openai_servers_give_one_line(tmp_path, capsys):
+    import http.server
+    import threading
+
+    class NotOpenAI(http.server.BaseHTTPRequestHandler):  # a web server that is not an OpenAI-compatible one
+        def do_GET(self):
+            self._send(200, b"<html><body>a web page\n</body></html>\n")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(501, b"<html>\n<h1>Not implemented</h1>\n</html>\n")
+
+        def _send(self, code, body):
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    data = _gsm8k(tmp_path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for extra, says in [(["--endpoint", "localhost:8000"], "expected an http:// or https:// URL"),
+                            (["--endpoint", url], "/v1/models: the reply is not JSON"),
+                            (["--endpoint", url, "--endpoint-model", "m"], "/v1/completions: HTTP 501 <html> <h1>")]:
+            assert main(["eval", "gsm8k", "--gsm8k", str(data), "--out", str(tmp_path / "o"), *extra]) == 2
+            assert says in _error(capsys), extra
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "o").exists()
+
+
 # ----- samples files --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("row", [
     {"task_id": ["GSM8K/0"], "completion": "7"}, {"task_id": {"id": 0}, "completion": "7"},

@@ -44,7 +44,8 @@ def register(sub) -> None:
     ev.add_argument("--context", type=int, help="the model's context in tokens (NIAH skips longer lengths; "
                                                 "default: read from the checkpoint or endpoint)")
     ev.add_argument("--n", type=int, default=1, help="samples per problem (1)")
-    ev.add_argument("--k", default="1", help="pass@k values, each ≤ --n when generating, e.g. 1,10 (1)")
+    ev.add_argument("--k", default="1",
+                    help="pass@k values, each ≤ --n (or the samples per problem in --samples), e.g. 1,10 (1)")
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (0)")
     ev.add_argument("--max-tokens", type=int, default=512, help="tokens per completion (512)")
     ev.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -117,11 +118,16 @@ def _post(url: str, body: dict, api_key: str | None) -> dict:
 def _request(req: urllib.request.Request) -> dict:
     try:
         with urllib.request.urlopen(req, timeout=600) as resp:
-            return json.loads(resp.read())
+            body = resp.read()
     except urllib.error.HTTPError as e:
-        raise DscoderError(f"{req.full_url}: HTTP {e.code} {e.read()[:200].decode(errors='replace')}") from None
+        said = " ".join(e.read()[:200].decode(errors="replace").split())  # one line, even from an HTML error page
+        raise DscoderError(f"{req.full_url}: HTTP {e.code} {said}") from None
     except (urllib.error.URLError, OSError) as e:
         raise DscoderError(f"{req.full_url}: cannot reach the endpoint ({getattr(e, 'reason', e)})") from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise DscoderError(f"{req.full_url}: the reply is not JSON (is this an OpenAI-compatible server?)") from None
 
 
 def _endpoint_context(url: str, api_key: str | None) -> int | None:
@@ -147,6 +153,8 @@ def evaluate(task: str, out: str | Path, *, samples: str | Path | None = None, m
     opts = spec.resolve(options)
     if sum(x is not None for x in (samples, model, endpoint, engine)) != 1:
         raise DscoderError("give exactly one of --samples FILE, --model DIR, --endpoint URL")
+    if endpoint is not None and urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
+        raise DscoderError(f"--endpoint {endpoint!r}: expected an http:// or https:// URL, e.g. http://localhost:8000")
     ks = _check_numbers(n=n, ks=ks, temperature=temperature, max_tokens=max_tokens, limit=limit, workers=workers,
                         context=context, limits=limits, generating=samples is None)
     out = Path(out)
@@ -154,6 +162,10 @@ def evaluate(task: str, out: str | Path, *, samples: str | Path | None = None, m
         raise DscoderError(f"--out {out}: is a file, expected a folder")
     done = _read_results(out / "results.jsonl") if resume else {}
     completions = read_samples(samples) if samples is not None else None
+    if completions and max(ks) > min(map(len, completions.values())):
+        fewest = min(completions, key=lambda t: len(completions[t]))
+        raise DscoderError(f"--k {max(ks)}: {samples} holds {len(completions[fewest])} sample(s) for {fewest}; "
+                           f"pass@{max(ks)} needs {max(ks)} or more per problem")
     opened = None
     try:
         if model is not None:
