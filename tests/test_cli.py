@@ -47,6 +47,43 @@ def test_unknown_source_is_one_line_error(capsys):
     assert err.startswith("dscoder: error: no-such-model") and err.count("\n") == 1
 
 
+def test_undecodable_prompt_bytes_are_one_line(tiny_checkpoint, capsys):
+    """A prompt with bytes that are not UTF-8 arrives as lone surrogates (os.fsdecode): one line, exit 2."""
+    for argv in (["generate", "--model", str(tiny_checkpoint), "--max-tokens", "1", os.fsdecode(b"def f\xff")],
+                 ["infill", "--model", str(tiny_checkpoint), "--max-tokens", "1", "--prefix", os.fsdecode(b"a\xfe"),
+                  "--suffix", "b"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dscoder: error: the text is not valid Unicode") and err.count("\n") == 1, err
+
+
+def test_a_wrong_path_for_any_command_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    """Every command that takes a path, given one that is missing or damaged (a truncated safetensors file)."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_checkpoint, cut)
+    weights = cut / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    nowhere = str(tmp_path / "nowhere")
+    cases = [
+        (["generate", "--model", nowhere, "x"], "no such checkpoint directory"),
+        (["generate", "--model", str(cut), "x"], "not a readable safetensors file"),
+        (["generate", "--model", str(tiny_checkpoint), "--tokenizer", nowhere, "x"], "not a tokenizer directory"),
+        (["serve", "--model", nowhere], "no such checkpoint directory"),
+        (["eval", "humaneval", "--model", nowhere, "--out", str(tmp_path / "o")], "no such checkpoint directory"),
+        (["eval", "humaneval", "--samples", nowhere, "--out", str(tmp_path / "o")], "no such samples file"),
+        (["export", nowhere, "--out", str(tmp_path / "o")], "no complete checkpoint"),
+        (["train", "pretrain", "--config", nowhere, "--out", str(tmp_path / "o")], "config file not found"),
+        (["data", "build", nowhere, "--out", str(tmp_path / "o")], "no such file or directory"),
+        (["tokenizer", "train", "--data", nowhere, "--out", str(tmp_path / "o")], "expected the output of"),
+        (["model", "info", nowhere], "no such checkpoint directory"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("dscoder: error: ") and says in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_package_imports_without_circles():
     """Every module imports alone (in a fresh package state); ``import dscoder`` does not pull in the engine,
     which builds on the model package rather than on ``dscoder/__init__``."""

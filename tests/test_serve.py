@@ -272,6 +272,21 @@ def test_wrong_types_are_400_naming_the_field(server, path, body, field):
     assert "\n" not in error["message"]
 
 
+def test_text_that_is_not_unicode_is_400(server):
+    """A JSON "\\ud800" escape decodes to a lone surrogate the tokenizer cannot take: 400 with one line (not a 500
+    and a traceback in the log), streaming or not, and the request's slot is given back."""
+    state = server["state"]
+    for path, body in [("/v1/completions", {"prompt": "\ud800 x", "max_tokens": 1}),
+                       ("/v1/completions", {"prompt": "x", "suffix": "\udc80", "max_tokens": 1, "stream": True}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 1}),
+                       ("/infill", {"input_prefix": "\ud800", "n_predict": 1})]:
+        status, error = _error(_post(server, path, body))
+        assert status == 400 and "not valid Unicode: a lone surrogate" in error["message"], (path, error)
+        assert "\n" not in error["message"]
+    assert _wait_until(lambda: state.in_flight == 0)
+    assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200
+
+
 def test_body_over_the_cap_is_413_before_parsing(server):
     state = server["state"]
     limit = state.body_limit()

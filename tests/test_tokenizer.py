@@ -150,6 +150,19 @@ def test_bad_chat_messages_raise_one_line(tok, messages, expected):
     assert expected in one_line_error(excinfo)
 
 
+def test_text_with_lone_surrogates_is_one_line(tok):
+    """Undecodable bytes reach Python as lone surrogates (argv, a stdin in the C locale, a JSON "\\ud800" escape):
+    one line saying where, not the tokenizers library's TypeError."""
+    for text in ("a\udcff", "\ud800 x"):
+        for encode in (lambda t: tok.encode(t), lambda t: tok.encode(t, allow_special=True),
+                       lambda t: tok.encode_batch(["fine", t])):
+            with pytest.raises(DscoderError) as excinfo:
+                encode(text)
+            assert "not valid Unicode: a lone surrogate" in one_line_error(excinfo)
+    with pytest.raises(TypeError):  # other mistakes stay what they are
+        tok.encode(5)
+
+
 def test_save_load_round_trip(tok, saved):
     assert {p.name for p in saved.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
     config = json.loads((saved / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -252,6 +265,8 @@ def test_vocab_size_is_respected_and_validated():
         with pytest.raises(DscoderError) as excinfo:
             Tokenizer.train(texts, vocab_size=bad)
         assert "vocab_size must be an integer >= 262" in one_line_error(excinfo)
+    with pytest.raises(DscoderError, match="vocab_size must be at most 16,777,216"):  # 10**9 aborted the process
+        Tokenizer.train(texts, vocab_size=10**9)
     with pytest.raises(DscoderError, match="min_frequency"):
         Tokenizer.train(texts, min_frequency=0)
     with pytest.raises(DscoderError, match="not a single string"):

@@ -37,6 +37,7 @@ FIM_END_TOKEN = "<｜fim▁end｜>"
 # This order gives the ids of a trained tokenizer: bos 0, eos 1 (as the tiny preset), pad 2, hole/begin/end 3/4/5
 # (the hole/begin/end order of DeepSeek's later tokenizers).
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, FIM_HOLE_TOKEN, FIM_BEGIN_TOKEN, FIM_END_TOKEN)
+MAX_VOCAB = 1 << 24  # far past any BPE in use; the trainer reserves memory by it (1e9 aborts the process)
 
 # DeepSeek-V2 / Coder-V2 Instruct format: bos, then "{system}\n\n", "User: {u}\n\n", "Assistant: {a}<eos>", and the
 # generation prompt "Assistant:" with no trailing space. `Tokenizer.apply_chat_template` is the reference rendering;
@@ -61,6 +62,18 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves the template; read if the config has none
 DEFAULT_MODEL_MAX_LENGTH = 163840  # max_position_embeddings of DeepSeek-Coder-V2(-Lite)
 _BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins of byte-level BPE
+
+
+def _check_unicode(texts: Sequence[str]) -> None:
+    """A text holding a lone surrogate (undecodable bytes passed through, e.g. from argv, or a JSON escape such as
+    "\\ud800") cannot be tokenized: one line saying where, instead of the tokenizers library's TypeError."""
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DscoderError(f"the text is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                                   f"{e.start} (undecodable bytes?)") from None
 
 
 class Tokenizer:
@@ -111,6 +124,9 @@ class Tokenizer:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
             raise ConfigError(f"vocab_size must be an integer >= {minimum} (256 byte tokens + "
                               f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")
+        if vocab_size > MAX_VOCAB:
+            raise ConfigError(f"vocab_size must be at most {MAX_VOCAB:,} (DeepSeek-Coder-V2's is 102,400), got "
+                              f"{vocab_size:,}")
         if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
             raise ConfigError(f"min_frequency must be an integer >= 1, got {min_frequency!r}")
         backend = BackendTokenizer(models.BPE())
@@ -243,7 +259,11 @@ class Tokenizer:
         strings built by the program, e.g. :meth:`fim_prompt` or :meth:`apply_chat_template` output).
         """
         backend = self.backend if allow_special else self._plain
-        ids = backend.encode(text, add_special_tokens=False).ids  # bos is added here, not by the file's post-processor
+        try:
+            ids = backend.encode(text, add_special_tokens=False).ids  # bos is added here, not by the post-processor
+        except TypeError:
+            _check_unicode([text])
+            raise
         return [self._bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False, allow_special: bool = False) -> list[list[int]]:
@@ -251,7 +271,11 @@ class Tokenizer:
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of strings; use encode for one string")
         backend = self.backend if allow_special else self._plain
-        encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+        try:
+            encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            _check_unicode(texts)
+            raise
         return [[self._bos_id, *e.ids] if add_bos else e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:

@@ -8,6 +8,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dscoder.errors import DscoderError
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -84,6 +86,10 @@ def install(app: FastAPI) -> None:
     async def _http_error(request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail),
                               "invalid_request_error" if e.status_code < 500 else "server_error")
+
+    @app.exception_handler(DscoderError)
+    async def _input_error(request, e: DscoderError):  # the request's own input (e.g. text that is not Unicode)
+        return error_response(400, str(e), "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def _server_error(request, e: Exception):
