@@ -227,6 +227,9 @@ def test_chat_stream_and_not(url, servers):
 # ----- errors ---------------------------------------------------------------------------------------------------------
 BAD = [
     ("/api/generate", {"model": "llama3", "prompt": "x"}, 404, "model 'llama3' not found"),
+    ("/api/generate", {"model": NAME, "prompt": "a\ud800b", "stream": False}, 400, "not valid Unicode"),
+    ("/api/generate", {"model": NAME, "prompt": "a", "suffix": "\ud800", "stream": False}, 400, "not valid Unicode"),
+    ("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "\udfff"}]}, 400, "not valid Unicode"),
     ("/api/generate", {"prompt": "x"}, 400, "model is required"),
     ("/api/generate", b"{not json", 400, "not valid JSON"),
     ("/api/generate", b"[1, 2]", 400, "JSON object"),
