@@ -219,12 +219,19 @@ def test_bad_sources_and_arguments_are_one_line(tmp_path, capfd):
         (_build_args(src, tmp_path / "o6", "--rule", "min_alpha_fraction=1.5"), ["min_alpha_fraction", "[0, 1]"]),
         (_build_args(src, tmp_path / "o7", "--rule", "max_lines=-1"), ["max_lines", ">= 0"]),
         (_build_args(src, src / "pkg" / "out"), ["inside the source folder"]),
+        # too large: the BPE trainer aborted the process (a Rust panic) after the filter stage; tasks ran for hours
+        (_build_args(src, tmp_path / "o9", "--vocab-size", str(10**12)), ["vocab_size must be at most 16,777,216"]),
+        (_build_args(src, tmp_path / "o10", "--tasks", str(10**8)), ["tasks must be at most 10,000"]),
     ]
     for args, needles in cases:
         assert main(args) == 2, args
         assert_one_line_error(_error_line(capfd), *needles)
     assert a_file.read_text() == "mine\n"  # nothing a user made is touched
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))  # refused before anything is written
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 11))  # refused before anything is written
+    if shutil.which("sbatch") is None:  # a traceback from subprocess, after the build folder was written
+        assert main(_build_args(src, tmp_path / "o11", "--executor", "slurm")) == 2
+        assert_one_line_error(_error_line(capfd), "--executor slurm needs Slurm's sbatch")
+        assert not (tmp_path / "o11").exists()
 
 
 def test_resume_refuses_changed_sources(tmp_path, capfd):

@@ -69,18 +69,26 @@ class BuildConfig:
 
     def validate(self) -> None:
         """Numbers out of range are one :class:`ConfigError` naming the field, before any work starts."""
-        from dscoder.tokenizer import SPECIAL_TOKENS
+        from dscoder.tokenizer import MAX_VOCAB, SPECIAL_TOKENS
 
         minimum_vocab = 256 + len(SPECIAL_TOKENS)
         _check_int("vocab_size", self.vocab_size, minimum_vocab, f" (256 byte tokens + {len(SPECIAL_TOKENS)} "
                    "special tokens)")
+        if self.vocab_size > MAX_VOCAB:
+            raise ConfigError(f"vocab_size must be at most {MAX_VOCAB:,} (DeepSeek-Coder-V2's is 102,400), got "
+                              f"{self.vocab_size:,}")
         _check_int("tasks", self.tasks, 1)
+        if self.tasks > MAX_TASKS:  # each task is a process start and its own files, whatever the corpus size
+            raise ConfigError(f"tasks must be at most {MAX_TASKS:,}, got {self.tasks:,}")
         _check_int("minhash_perms", self.minhash_perms, 1)
         _check_int("minhash_ngram", self.minhash_ngram, 1)
         t = self.minhash_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
             raise ConfigError(f"minhash_threshold must be a number in (0, 1], got {t!r}")
         self.rule_config.validate()
+
+
+MAX_TASKS = 10_000
 
 
 def _check_int(name: str, value: Any, minimum: int, why: str = "") -> None:
@@ -494,6 +502,8 @@ def build(config: BuildConfig, executor: str = "local", workers: int = -1,
     config.validate()
     if isinstance(workers, bool) or not isinstance(workers, int) or not (workers == -1 or workers >= 1):
         raise ConfigError(f"workers must be -1 (all cores) or an integer >= 1, got {workers!r}")
+    if executor == "slurm" and shutil.which("sbatch") is None:
+        raise DscoderError("--executor slurm needs Slurm's sbatch, which is not on PATH here")
     if config.tokenizer:
         from dscoder.tokenizer import Tokenizer
 
