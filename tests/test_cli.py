@@ -64,6 +64,10 @@ def test_a_wrong_path_for_any_command_is_one_line(tiny_checkpoint, tmp_path, cap
     weights = cut / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     nowhere = str(tmp_path / "nowhere")
+    run = tmp_path / "run"  # a training run's layout: given where an HF checkpoint is expected
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-000001" / "meta.json").write_text("{}")
+    (run / "config.json").write_text('{"model": {"preset": "tiny"}}')
     cases = [
         (["generate", "--model", nowhere, "x"], "no such checkpoint directory"),
         (["generate", "--model", str(cut), "x"], "not a readable safetensors file"),
@@ -76,6 +80,8 @@ def test_a_wrong_path_for_any_command_is_one_line(tiny_checkpoint, tmp_path, cap
         (["data", "build", nowhere, "--out", str(tmp_path / "o")], "no such file or directory"),
         (["tokenizer", "train", "--data", nowhere, "--out", str(tmp_path / "o")], "expected the output of"),
         (["model", "info", nowhere], "no such checkpoint directory"),
+        (["generate", "--model", str(run), "x"], "a training run or checkpoint, not an HF checkpoint; export it"),
+        (["serve", "--model", str(run / "checkpoints" / "step-000001")], "not an HF checkpoint; export it first"),
     ]
     for argv, says in cases:
         assert main(argv) == 2, argv

@@ -44,6 +44,9 @@ def _load(source, dtype, device, seed) -> DeepseekV2:
     path = Path(source)
     if not path.exists():
         raise DscoderError(f"{source}: no such checkpoint directory or preset (presets: {', '.join(PRESETS)})")
+    if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
+        raise DscoderError(f"{source}: a training run or checkpoint, not an HF checkpoint; export it first "
+                           f"(dscoder export {source} --out DIR)")
     if str(device) == "meta":
         return build_model(ModelConfig.from_json_file(path / "config.json"), dtype, "meta")
     return load_checkpoint(path, dtype=dtype, device=device)
