@@ -269,6 +269,11 @@ def test_compiled_decode_matches_eager(ckpt, engine, capsys):
         e.warmup()  # compiles the graphs of buckets 1, 2 and 4
         got = e.generate(PROMPTS, max_tokens=10, ignore_eos=True, logprobs=0)
         assert e.generate(PROMPTS[1], max_tokens=10, ignore_eos=True).token_ids == want[1].token_ids
+        # alone and greedy with a repeat in the prompt: compiled speculative verify steps (graphs from warmup)
+        repeat = list(range(20, 50)) * 2 + [20, 21]
+        seq = e.submit(repeat, SamplingParams(max_tokens=12, ignore_eos=True))
+        assert e.wait(seq).token_ids == engine.generate(repeat, max_tokens=12, ignore_eos=True).token_ids
+        assert seq.spec_steps > 0
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert torch._dynamo.config.get_config_copy() == dynamo_before  # compiling left no global setting changed
     capsys.readouterr()
@@ -277,7 +282,7 @@ def test_compiled_decode_matches_eager(ckpt, engine, capsys):
 
 
 def test_prefix_cache_reuses_prompt_blocks_with_the_same_results(ckpt, engine):
-    """A prompt sharing 64 tokens with an earlier one prefills only its rest and decodes what no cache gives."""
+    """A prompt sharing 70 tokens with an earlier one prefills only its rest and decodes what no cache gives."""
     g = torch.Generator().manual_seed(3)
     shared = torch.randint(3, 300, (70,), generator=g).tolist()
     a, b = shared + [5, 6, 7], shared + [8, 9]
@@ -286,7 +291,9 @@ def test_prefix_cache_reuses_prompt_blocks_with_the_same_results(ckpt, engine):
         first = e.generate(a, max_tokens=8, ignore_eos=True, logprobs=0)
         assert cache.hit_tokens == 0 and len(cache.blocks) == 2  # blocks of 32: tokens 0-31 and 32-63
         second = e.generate([b, a], max_tokens=8, ignore_eos=True, logprobs=0)
-        assert cache.hit_tokens == 128  # both prompts took 64 cached tokens
+        # b takes 64 block tokens + the 6 it shares with a's tail; b's tail then replaces a's (the latest tail after
+        # a block is kept), so a takes 64 + 6 as well
+        assert cache.hit_tokens == 140
     for got, prompt in ((first, a), (second[0], b), (second[1], a)):
         want, want_lp = reference_greedy(engine.model, prompt, 8)
         assert got.token_ids == want

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from dscoder.engine.sampling import Needs, RowParams, SamplingParams, sample
+from dscoder.engine.speculative import PromptLookup
 from dscoder.model import MLACache
 
 _ids = itertools.count()
+SPEC_PAUSE = 8  # plain steps after a wrong one-token draft before drafting again
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Completion:
     finish_reason: str
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (not prefilled)
 
     @property
     def completion_tokens(self) -> int:
@@ -79,6 +82,15 @@ class Sequence:
         self.cancelled = False
         self.done = threading.Event()
         self.cached_prefix: tuple[int, torch.Tensor | None] | None = None  # the scheduler's prefix-cache lookup
+        # Prompt tokens whose cache entries came from the prefix cache instead of a prefill (llama.cpp's
+        # tokens_cached): a multiple of the block size, at most len(prompt_ids) - 1; set when the request is admitted.
+        self.cached_tokens = 0
+        self.spec_steps = 0  # speculative verify steps this request took
+        self.spec_drafted = 0  # draft tokens those steps checked
+        self.spec_accepted = 0  # draft tokens they accepted (each step also yields one token of its own)
+        self.lookup: PromptLookup | None = None  # the drafter's n-gram index, made on the first speculative step
+        self.draft_len = 0  # tokens the next draft may have (0: the scheduler's maximum; adapted after each step)
+        self.spec_pause = 0  # plain steps to take before drafting again (after a one-token draft was wrong)
 
     @property
     def finished(self) -> bool:
@@ -149,59 +161,107 @@ class Sequence:
 
     def result(self) -> Completion:
         return Completion(self.text, list(self.token_ids), len(self.prompt_ids), self.finish_reason or "length",
-                          self.logprobs, self.top_logprobs)
+                          self.logprobs, self.top_logprobs, self.cached_tokens)
 
 
 class PrefixCache:
     """Cache entries of prompt prefixes, kept in blocks of ``block`` tokens, least recently used dropped first.
 
     Block i of a prompt is keyed by its tokens and every token before it (a chained hash), so a hit means the same
-    tokens at the same positions, hence the same latents and rotated keys. A joining request whose prompt starts
-    with cached blocks copies them and prefills only the rest (as the scheduler's prefill job).
+    tokens at the same positions, hence the same latents and rotated keys. A stored prompt's last partial block is
+    kept too (its tail), and each key remembers the latest block or tail stored after it, so reuse is exact to the
+    token: a prompt takes every full block it shares, then the common start of the block or tail that followed
+    them (a prompt extended, repeated, or edited a few tokens before its end). The entry at position j depends only
+    on tokens 0..j, so any common prefix of a stored block is valid for the new prompt. A joining request whose
+    prompt starts with cached entries copies them and prefills only the rest (as the scheduler's prefill job).
     """
 
     def __init__(self, max_bytes: int, block: int = 32):
         self.max_bytes, self.block = max_bytes, block
-        self.blocks: OrderedDict[int, torch.Tensor] = OrderedDict()  # key -> [layers, block, C + R]
+        self.blocks: dict[int, torch.Tensor] = {}  # key -> [layers, block, C + R]
+        self.tails: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}  # parent key -> (tokens, [layers, n, C + R])
+        self.children: dict[int, tuple[int, tuple[int, ...]]] = {}  # parent key -> (key, tokens) of the latest block
+        self._parent: dict[int, int] = {}  # block key -> the key before it
+        self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()  # ("b", key) or ("t", parent) -> bytes
         self.nbytes = 0
         self.hit_tokens = 0  # prompt tokens not prefilled thanks to the cache (for stats and tests)
 
-    def _keys(self, ids: list[int], n_blocks: int) -> list[int]:
-        keys, key = [], 0
-        for i in range(n_blocks):
-            key = hash((key, tuple(ids[i * self.block:(i + 1) * self.block])))
-            keys.append(key)
-        return keys
-
     def lookup(self, ids: list[int]) -> tuple[int, torch.Tensor | None]:
-        """``(m, entries [layers, m, C + R])`` for the longest cached block prefix leaving >= 1 token to prefill."""
-        found = []
-        for key in self._keys(ids, (len(ids) - 1) // self.block):
+        """``(m, entries [layers, m, C + R])`` for the longest cached prefix of ``ids`` leaving >= 1 token to
+        prefill."""
+        B, limit = self.block, len(ids) - 1
+        found, parent, m = [], 0, 0
+        while m + B <= limit:
+            key = hash((parent, tuple(ids[m:m + B])))
             block = self.blocks.get(key)
             if block is None:
                 break
-            self.blocks.move_to_end(key)
+            self._lru.move_to_end(("b", key))
             found.append(block)
-        if not found:
+            parent, m = key, m + B
+        rest, best, best_n, best_lru = ids[m:limit], None, 0, None
+        child = self.children.get(parent)
+        candidates = [(("b", child[0]), child[1], self.blocks.get(child[0]))] if child else []
+        if parent in self.tails:
+            candidates.append((("t", parent), *self.tails[parent]))
+        for lru, tokens, entries in candidates:
+            n = next((i for i, (a, b) in enumerate(zip(tokens, rest)) if a != b), min(len(tokens), len(rest)))
+            if entries is not None and n > best_n:
+                best, best_n, best_lru = entries, n, lru
+        if best is not None:
+            self._lru.move_to_end(best_lru)
+            found.append(best[:, :best_n])
+            m += best_n
+        if not m:
             return 0, None
-        self.hit_tokens += len(found) * self.block
-        return len(found) * self.block, torch.cat(found, dim=1)
+        self.hit_tokens += m
+        return m, torch.cat(found, dim=1)
 
     def store(self, ids: list[int], entries: torch.Tensor) -> None:
-        """Keep the full blocks of a prompt whose entries ``[layers, len(ids), C + R]`` were just computed."""
-        for i, key in enumerate(self._keys(ids, len(ids) // self.block)):
+        """Keep the blocks and the tail of a prompt whose entries ``[layers, len(ids), C + R]`` were just computed."""
+        B, parent = self.block, 0
+        full = len(ids) // B
+        for i in range(full):
+            tokens = tuple(ids[i * B:(i + 1) * B])
+            key = hash((parent, tokens))
+            self.children[parent] = (key, tokens)
             if key in self.blocks:
-                self.blocks.move_to_end(key)
-                continue
-            block = entries[:, i * self.block:(i + 1) * self.block].clone()
-            size = block.numel() * block.element_size()
-            if size > self.max_bytes:
+                self._lru.move_to_end(("b", key))
+            elif not self._add(("b", key), entries[:, i * B:(i + 1) * B]):
                 return
-            while self.nbytes + size > self.max_bytes:
-                _, old = self.blocks.popitem(last=False)
-                self.nbytes -= old.numel() * old.element_size()
-            self.blocks[key] = block
-            self.nbytes += size
+            else:
+                self._parent[key] = parent
+            parent = key
+        if full * B < len(ids):
+            if parent in self.tails:
+                self._drop(("t", parent))
+            self._add(("t", parent), entries[:, full * B:], tuple(ids[full * B:]))
+
+    def _add(self, lru: tuple[str, int], entries: torch.Tensor, tokens: tuple[int, ...] = ()) -> bool:
+        size = entries.numel() * entries.element_size()
+        if size > self.max_bytes:
+            return False
+        while self.nbytes + size > self.max_bytes:
+            self._drop(next(iter(self._lru)))
+        kind, key = lru
+        if kind == "b":
+            self.blocks[key] = entries.clone()
+        else:
+            self.tails[key] = (tokens, entries.clone())
+        self._lru[lru] = size
+        self.nbytes += size
+        return True
+
+    def _drop(self, lru: tuple[str, int]) -> None:
+        self.nbytes -= self._lru.pop(lru)
+        kind, key = lru
+        if kind == "t":
+            del self.tails[key]
+            return
+        del self.blocks[key]
+        parent = self._parent.pop(key)
+        if self.children.get(parent, (None,))[0] == key:
+            del self.children[parent]
 
 
 @dataclass
@@ -220,7 +280,8 @@ class Scheduler:
     """Slots over one :class:`MLACache`; :meth:`step` admits waiting requests and decodes a block of tokens."""
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, sync_every: int = 8, pad_id: int = 0,
-                 decode_fn: Callable | None = None, prefix_cache_bytes: int = 0, prefill_chunk: int = 0):
+                 decode_fn: Callable | None = None, prefix_cache_bytes: int = 0, prefill_chunk: int = 0,
+                 spec_tokens: int = 0):
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch, self.max_len, self.sync_every, self.pad_id = max_batch, max_len, sync_every, pad_id
@@ -230,7 +291,9 @@ class Scheduler:
             if decode_fn is not None else []
         # Room for a graph per bucket (+1: the first graph, before the cache length is dynamic), granted only
         # around the compiled calls (see _decode_call): no global setting changes.
-        self.recompile_limit = len(self.buckets) + 2
+        self.spec_tokens = spec_tokens  # draft length of prompt-lookup speculation (0: off)
+        # + a graph per draft bucket of the verify step (+1: its first, before the cache length is dynamic)
+        self.recompile_limit = len(self.buckets) + 2 + (len(self.draft_buckets) + 1 if spec_tokens else 0)
         cfg = model.config
         self.cache = MLACache(cfg, max_batch, max_len, dtype=self.dtype, device=self.device)
         dev = self.device
@@ -310,14 +373,16 @@ class Scheduler:
         longest = 0
         while self.waiting and len(take) < len(free):
             seq = self.waiting[0]
-            if seq.cancelled or seq.max_new <= 0:
+            warmup = seq.max_new <= 0 and self.prefix_cache is not None  # max_tokens=0: only fill the prefix cache
+            if seq.cancelled or (seq.max_new <= 0 and not warmup):
                 self.waiting.popleft()
                 self._end(seq, "cancelled" if seq.cancelled else "length")
                 continue
             if seq.cached_prefix is None:
                 seq.cached_prefix = self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache else (0, None)
+                seq.cached_tokens = seq.cached_prefix[0]
             m, entries = seq.cached_prefix
-            if m or 0 < self.prefill_chunk < len(seq.prompt_ids):
+            if m or warmup or 0 < self.prefill_chunk < len(seq.prompt_ids):
                 if self.job is not None:
                     break  # one job at a time, in arrival order
                 self.waiting.popleft()
@@ -352,6 +417,11 @@ class Scheduler:
             job.done = end
             if end < N:
                 return
+        if job.seq.max_new <= 0:  # a warm-up: its blocks go to the prefix cache, no token is generated
+            self.job = None
+            self.prefix_cache.store(job.seq.prompt_ids, job.scratch.kv[:, 0])
+            self._end(job.seq, "length")
+            return
         if max(self.cursor, N) >= self.max_len:
             self._compact()
             if max(self.cursor, N) >= self.max_len:
@@ -412,6 +482,10 @@ class Scheduler:
         active = self.active
         seqs = [self.slots[i] for i in active]
         n_steps = 1 if any(s.params.stream for s in seqs) else self.sync_every
+        if self._speculates(seqs):
+            if self._speculate(active[0], seqs[0]):
+                return
+            n_steps = 1  # no draft now: one plain step, then look again
         n_steps = min(n_steps, max(s.max_new - len(s.token_ids) for s in seqs))
         if self.cursor + n_steps > self.max_len:
             self._compact()
@@ -439,6 +513,102 @@ class Scheduler:
             self.cursor += 1
             toks.append(token), lps.append(lp), tids.append(top_ids), tlps.append(top_lp)
         self._deliver(list(range(nb)), toks, lps, tids, tlps)
+
+    # ----- prompt-lookup speculation ----------------------------------------------------------------------------
+    def _speculates(self, seqs: list[Sequence]) -> bool:
+        """Speculate for a batch of one greedy request without a repetition penalty: there a verify step over
+        k + 1 positions costs little more than a plain step (decode is bound by reading weights), whereas with
+        more rows the extra positions add real work, and sampled or penalised rows would need their own rules."""
+        if not self.spec_tokens or len(seqs) != 1:
+            return False
+        p = seqs[0].params
+        return p.temperature == 0 and p.repetition_penalty == 1
+
+    def _speculate(self, slot: int, seq: Sequence) -> bool:
+        """One verify step: draft up to ``spec_tokens`` tokens by prompt lookup, run the last token and the draft
+        through the model at once, keep the longest draft prefix equal to the model's own greedy tokens plus the
+        model's token after it, and roll the cache back over the rest. False (nothing done) without a draft."""
+        left = seq.max_new - len(seq.token_ids)  # tokens still wanted; a step yields up to k + 1
+        k = min(seq.draft_len or self.spec_tokens, left - 1)
+        if k <= 0:
+            return False
+        if seq.spec_pause:
+            seq.spec_pause -= 1
+            return False
+        if seq.lookup is None:
+            seq.lookup = PromptLookup()
+        draft = seq.lookup.draft(seq.prompt_ids + seq.token_ids, k)
+        if not draft:
+            return False
+        drafted = len(draft)
+        if self.buckets:  # compiled: a verify graph per draft bucket, the draft padded up to one (a padded token the
+            draft = draft + [draft[-1]] * (self._draft_bucket(drafted) - drafted)  # model agrees with is right too)
+        T = len(draft) + 1
+        if self.cursor + T > self.max_len:
+            self._compact()
+            if self.cursor + T > self.max_len:
+                return False
+        c, dev = self.cursor, self.device
+        ids = torch.cat([self.last[slot:slot + 1], torch.tensor(draft, device=dev)])[None]  # [1, T]
+        offsets = torch.arange(T, device=dev)
+        pos = (self.pos[slot] + offsets)[None]
+        self.mask[slot, c:c + T] = True
+        mask = self.mask[slot:slot + 1, : c + T]
+        view = self.cache.rows(1, start=slot)
+        if self.buckets:
+            for t, dim in ((ids, 0), (ids, 1), (mask, 0), (pos, 0), (pos, 1), (view.kv, 1)):
+                torch._dynamo.mark_static(t, dim)
+        logits = self._decode_call(ids, attention_mask=mask, position_ids=pos, cache=view, start_pos=c).logits[0]
+        rows = self.rows.index(torch.full((T,), slot, device=dev))
+        token, lp, top_ids, top_lp = sample(logits, rows, self.steps[slot] + offsets, Needs.of([seq.params]))
+        got = token.tolist()  # the host sync of this step
+        a = next((j for j in range(T - 1) if got[j] != draft[j]), T - 1)  # draft tokens the model agrees with
+        n = a + 1  # tokens this step yields: the accepted draft and the model's own next token
+        self.mask[slot, c + n:c + T] = False  # roll back: the rejected positions' entries no longer belong to the row
+        self.cursor = c + n
+        self.pos[slot] += n
+        self.steps[slot] += n
+        self.last[slot] = token[a]
+        seq.spec_steps += 1
+        seq.spec_drafted += T - 1  # padded drafts (compiled) included
+        seq.spec_accepted += a
+        # Draft length follows acceptance: a verify step over T positions costs more than a plain step (on the
+        # benchmark CPU 1.5x for T = 2, 2.7x for T = 9), so after a miss the next draft is as long as what was
+        # accepted + 1, and it doubles after a draft taken whole; a wrong one-token draft pauses drafting a while.
+        seq.draft_len = min(self.spec_tokens, 2 * drafted if a >= drafted else a + 1)
+        if a == 0 and drafted == 1:
+            seq.spec_pause = SPEC_PAUSE
+        cut = lambda x: [x[j:j + 1] for j in range(n)] if x is not None else [None]  # noqa: E731
+        self._deliver([slot], cut(token), cut(lp), cut(top_ids), cut(top_lp))
+        return True
+
+    def _draft_bucket(self, n: int) -> int:
+        """Compiled verify steps: draft lengths 1, 2, 4, ... up to ``spec_tokens`` (a graph each)."""
+        return min(1 << (n - 1).bit_length(), self.spec_tokens)
+
+    @property
+    def draft_buckets(self) -> list[int]:
+        return sorted({self._draft_bucket(n) for n in range(1, self.spec_tokens + 1)})
+
+    @torch.inference_mode()
+    def warm_verify(self) -> None:
+        """Compiled engines: run the verify step's shapes once on an idle cache, so their graphs compile now
+        (warm-up) rather than on the first requests that speculate."""
+        if not (self.buckets and self.spec_tokens) or self.has_work():
+            return
+        dev = self.device
+        for T, start in [(self.spec_tokens + 1, 1)] + [(k + 1, 2) for k in self.draft_buckets]:
+            # start 1, then 2: the first graph is specialized to the cache length, later ones general in it
+            ids = torch.zeros(1, T, dtype=torch.long, device=dev)
+            pos = torch.arange(start, start + T, device=dev)[None]
+            self.mask[0, : start + T] = True
+            mask = self.mask[:1, : start + T]  # a view of the scheduler's mask, as in _speculate (same guards)
+            view = self.cache.rows(1)
+            for t, dim in ((ids, 0), (ids, 1), (mask, 0), (pos, 0), (pos, 1), (view.kv, 1)):
+                torch._dynamo.mark_static(t, dim)
+            self._decode_call(ids, attention_mask=mask, position_ids=pos, cache=view, start_pos=start)
+        self.mask.zero_()
+        self.cursor = 0
 
     def _decode_call(self, *args, **kwargs):
         """One decode step; compiled steps run with dynamo's recompile limit raised to a graph per bucket."""

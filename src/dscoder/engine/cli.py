@@ -27,9 +27,13 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0) -> None
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    """The decode-speed options: ``--compile`` and ``--no-speculative``."""
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster decoding after a compile (seconds to a minute) for "
                         "each batch bucket 1, 2, 4, ... (serve compiles them all at startup)")
+    p.add_argument("--no-speculative", dest="speculative", action="store_false",
+                   help="turn off prompt-lookup speculative decoding (on by default for a greedy request decoding "
+                        "alone; it gives the same tokens, only faster when the output repeats earlier text)")
 
 
 def add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
@@ -50,7 +54,7 @@ def engine_from_args(args, **kw):
 
     engine = Engine(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, compile=args.compile,
                     prefix_cache_mb=getattr(args, "prefix_cache_mb", 0), prefill_chunk=getattr(args, "prefill_chunk", 0),
-                    **kw)
+                    speculative=getattr(args, "speculative", True), **kw)
     if engine.tokenizer is None:
         raise DscoderError(f"{args.model}: no tokenizer.json in the checkpoint; pass --tokenizer DIR")
     return engine

@@ -39,6 +39,9 @@ from dscoder.errors import DscoderError
 # stream weights faster than a BLAS GEMV call on CPU (about 1.5x on the benchmark machine).
 COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
+# Draft tokens per speculative verify step (prompt lookup; see Scheduler._speculate and bench_speculative.py).
+SPEC_TOKENS = 8
+
 _SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
                   "stop_token_ids", "ignore_eos", "logprobs"}
 
@@ -86,12 +89,16 @@ class Engine:
     editor's file prefix) prefills only what follows. Off by default: a cached prefix is numerically equal only up
     to rounding (a prefill in chunks against one in one go). ``prefill_chunk`` > 0 prefills a longer prompt
     that many tokens per scheduler step, between decode steps of the running requests, so a long prompt does not
-    stall their streams (0: in one go).
+    stall their streams (0: in one go). ``speculative`` (default on) runs prompt-lookup speculative decoding
+    when one greedy request decodes alone: up to 8 tokens copied from earlier in the prompt or output are checked in
+    one forward pass and the ones the model agrees with are kept, so the tokens are those of plain greedy decoding
+    (``benchmarks/bench_speculative.py``); batches of several rows and sampled requests decode plainly.
     """
 
     def __init__(self, source, tokenizer=None, *, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, max_batch_size: int = 8, max_len: int | None = None,
-                 sync_every: int = 8, compile: bool = False, prefix_cache_mb: int = 0, prefill_chunk: int = 0):
+                 sync_every: int = 8, compile: bool = False, prefix_cache_mb: int = 0, prefill_chunk: int = 0,
+                 speculative: bool = True):
         from dscoder.model import DeepseekV2
         from dscoder.model.build import load_model
         from dscoder.model.checkpoint import parse_dtype
@@ -115,6 +122,8 @@ class Engine:
         for name, value in (("prefix_cache_mb", prefix_cache_mb), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise DscoderError(f"{name}: expected an integer >= 0, got {value!r}")
+        if not isinstance(speculative, bool):
+            raise DscoderError(f"speculative: expected true or false, got {speculative!r}")
         context = model.config.max_position_embeddings
         max_len = min(context, 4096) if max_len is None else max_len
         if not isinstance(max_len, int) or not 2 <= max_len <= context:
@@ -127,7 +136,7 @@ class Engine:
         decode_fn = torch.compile(model, options=COMPILE_OPTIONS) if compile else None
         self.scheduler = Scheduler(model, max_batch=max_batch_size, max_len=max_len, sync_every=sync_every,
                                    pad_id=pad, decode_fn=decode_fn, prefix_cache_bytes=prefix_cache_mb << 20,
-                                   prefill_chunk=prefill_chunk)
+                                   prefill_chunk=prefill_chunk, spec_tokens=SPEC_TOKENS if speculative else 0)
         self._cv = threading.Condition()
         self._driver: int | None = None  # ident of the thread running scheduler steps now
         self._background: set[Sequence] = set()  # requests no caller waits for (driven by run_loop)
@@ -348,10 +357,14 @@ class Engine:
 
     def warmup(self) -> None:
         """Decode a few steps at every batch bucket, so that a compiled engine compiles its decode graphs now rather
-        than on the first requests (see :mod:`dscoder.engine.batch`); an eager engine just runs one short request."""
+        than on the first requests (see :mod:`dscoder.engine.batch`), and the speculative verify step's graph; an eager
+        engine just runs one short request."""
         ids = [0] * min(4, self.max_len - 4)
         for k in self.scheduler.buckets or [1]:
             self.generate([ids] * k, max_tokens=3, ignore_eos=True)
+        with self._cv:  # the speculative verify step's graph (when nothing else runs)
+            if self._driver is None:
+                self.scheduler.warm_verify()
 
     def __enter__(self):
         return self

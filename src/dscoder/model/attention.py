@@ -46,12 +46,13 @@ class MLACache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    def rows(self, n: int) -> MLACache:
-        """A view over the first ``n`` batch rows (writes land in this cache), e.g. to skip empty engine slots."""
-        if n == self.kv.shape[1]:
+    def rows(self, n: int, start: int = 0) -> MLACache:
+        """A view over batch rows ``start .. start + n - 1`` (writes land in this cache), e.g. to skip empty engine
+        slots."""
+        if start == 0 and n == self.kv.shape[1]:
             return self
         view = object.__new__(MLACache)
-        view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:, :n]
+        view.kv_lora_rank, view.kv = self.kv_lora_rank, self.kv[:, start:start + n]
         return view
 
 
