@@ -16,6 +16,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from dscoder.cli import main  # noqa: E402
 from dscoder.engine import Engine, SamplingParams  # noqa: E402
 from dscoder.serve import Limits, create_app  # noqa: E402
 from dscoder.serve.generation import Generation  # noqa: E402
@@ -285,6 +286,14 @@ def test_text_that_is_not_unicode_is_400(server):
         assert "\n" not in error["message"]
     assert _wait_until(lambda: state.in_flight == 0)
     assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200
+
+
+@pytest.mark.parametrize("flag", ["--max-concurrent", "--max-tokens-cap", "--port"])
+def test_serve_limits_that_refuse_everything_are_one_line(tmp_path, capsys, flag):
+    """0 started a server that answered every request 429 (or 400); refused before the model is loaded."""
+    assert main(["serve", "--model", str(tmp_path / "never-read"), flag, "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dscoder: error: {flag}: expected") and err.count("\n") == 1, err
 
 
 def test_body_over_the_cap_is_413_before_parsing(server):

@@ -16,6 +16,9 @@ def serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise DscoderError(f"--port: expected 1..65535, got {args.port}")
+    for flag, value in (("--max-concurrent", args.max_concurrent), ("--max-tokens-cap", args.max_tokens_cap)):
+        if value < 1:  # 0 would start a server that refuses every request
+            raise DscoderError(f"{flag}: expected an integer >= 1, got {value}")
     engine = engine_from_args(args, max_batch_size=args.max_batch, max_len=args.max_len)
     limits = Limits(max_tokens=args.max_tokens_cap, max_concurrent=args.max_concurrent)
     if args.compile:
