@@ -398,3 +398,18 @@ def test_ctrl_c_stops_training_in_one_line_and_resume_goes_on(data_dir, tmp_path
     step = int(ckpt.checkpoints(run)[-1].name.split("-")[1])
     assert main([*argv[:6], "--resume", *argv[6:], f"train.steps={step + 2}"]) == 0
     assert [row["step"] for row in jsonl_rows(run / "metrics.jsonl")] == list(range(1, step + 3))
+
+
+def test_ctrl_c_during_a_save_stops_after_it():
+    """DCP turns a KeyboardInterrupt inside its writers into a CheckpointException: a save defers Ctrl-C to its end."""
+    import os
+    import signal
+
+    from dscoder.train import checkpoint as ckpt
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ckpt._interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the save went on")
+    assert done == ["the save went on"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler

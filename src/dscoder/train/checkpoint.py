@@ -16,13 +16,16 @@ present with their recorded sizes, so a damaged checkpoint never displaces a goo
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -184,9 +187,33 @@ def latest_intact(run_dir: Path) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C during a save takes effect once the save is complete: DCP turns a KeyboardInterrupt raised inside its
+    writers into its own CheckpointException (a traceback instead of a clean stop, and a half-written step)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          extra: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
-    """Save a checkpoint collectively (every rank calls this)."""
+    """Save a checkpoint collectively (every rank calls this); a Ctrl-C meanwhile stops the run after the save."""
+    with _interrupts_deferred():
+        return _save(run_dir, step, model, optimizer, extra, meta, keep)
+
+
+def _save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          extra: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
