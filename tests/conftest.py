@@ -4,6 +4,7 @@ lies, and the one-line error check."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -120,3 +121,29 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
            "--rdzv_endpoint=localhost:0", "-m", "dscoder.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)
+
+
+@contextlib.contextmanager
+def running_app(app):
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread; yields its base URL, stops it after."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the test server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -20,6 +20,7 @@ from dscoder.cli import main  # noqa: E402
 from dscoder.engine import Engine, SamplingParams  # noqa: E402
 from dscoder.serve import Limits, create_app  # noqa: E402
 from dscoder.serve.generation import Generation  # noqa: E402
+from conftest import running_app  # noqa: E402
 
 KEY = "test-key"
 NAME = "tiny-coder"
@@ -30,19 +31,8 @@ def server(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, max_batch_size=8, max_len=128)
     limits = Limits(max_tokens=64, max_concurrent=48)
     app = create_app(engine, model_name=NAME, api_key=KEY, limits=limits)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "limits": limits, "state": app.state.serve}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_app(app) as url:
+        yield {"url": url, "engine": engine, "limits": limits, "state": app.state.serve}
     engine.close()
 
 

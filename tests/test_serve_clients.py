@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -20,6 +17,7 @@ from dscoder.engine import Completion, Engine  # noqa: E402
 from dscoder.serve import Limits, create_app, prompts  # noqa: E402
 from dscoder.serve.llamacpp import Watch, pick_fields  # noqa: E402
 from dscoder.tokenizer import FIM_BEGIN_TOKEN, FIM_END_TOKEN, FIM_HOLE_TOKEN  # noqa: E402
+from conftest import running_app  # noqa: E402
 
 NAME = "dscoder-tiny-base"
 PREFIX = "def f1(x):\n    return x * 1 + a\n\ndef f2(x):\n    return x * 2 + b\n\ndef f3(x):\n    "
@@ -35,19 +33,8 @@ def server(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, max_batch_size=4, max_len=256, prefix_cache_mb=8)
     app = create_app(engine, model_name=NAME, limits=Limits(max_tokens=64, max_concurrent=16),
                      checkpoint="/models/DeepSeek-Coder-V2-Lite-Base")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "state": app.state.serve}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_app(app) as url:
+        yield {"url": url, "engine": engine, "state": app.state.serve}
     engine.close()
 
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -17,6 +14,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from dscoder.engine import Engine  # noqa: E402
 from dscoder.serve import Limits, create_app  # noqa: E402
+from conftest import running_app  # noqa: E402
 
 KEY = "test-key"
 NAME = "tiny-coder"  # a base checkpoint's name
@@ -28,29 +26,12 @@ DEEPSEEK_STOPS = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n    return c\n"
 
 
-def _start(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    return srv, thread, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, max_batch_size=8, max_len=128)
-    started = [_start(create_app(engine, model_name=name, api_key=KEY, limits=Limits(max_tokens=64)))
-               for name in (NAME, INSTRUCT)]
-    yield {"base": started[0][2], "instruct": started[1][2], "engine": engine}
-    for srv, thread, _ in started:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    apps = [create_app(engine, model_name=name, api_key=KEY, limits=Limits(max_tokens=64)) for name in (NAME, INSTRUCT)]
+    with running_app(apps[0]) as base, running_app(apps[1]) as instruct:
+        yield {"base": base, "instruct": instruct, "engine": engine}
     engine.close()
 
 
