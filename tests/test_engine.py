@@ -13,7 +13,7 @@ import torch
 import dscoder
 from dscoder.engine import Engine, SamplingParams, Scheduler, Sequence
 from dscoder.engine.cli import register
-from dscoder.engine.sampling import Needs, RowParams, apply_repetition_penalty, sample
+from dscoder.engine.sampling import Needs, RowParams, apply_count_penalties, apply_repetition_penalty, sample
 from dscoder.errors import DscoderError
 
 PROMPTS = ["def f(x):", "import os\nclass A(object):\n    def run(self", "x"]
@@ -161,6 +161,39 @@ def test_repetition_penalty(engine):
     plain = engine.generate(PROMPTS[0], max_tokens=24, ignore_eos=True).token_ids
     penalised = engine.generate(PROMPTS[0], max_tokens=24, ignore_eos=True, repetition_penalty=5.0).token_ids
     assert len(set(penalised)) > len(set(plain))
+
+
+def reference_greedy_penalised(model, ids, n, presence, frequency):
+    """Greedy over full-sequence logits with OpenAI's presence/frequency penalties on the generated tokens."""
+    seq, counts = list(ids), {}
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            for t, c in counts.items():
+                logits[t] -= presence + frequency * c
+            seq.append(int(logits.argmax()))
+            counts[seq[-1]] = counts.get(seq[-1], 0) + 1
+    return seq[len(ids):]
+
+
+def test_presence_and_frequency_penalties(engine):
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    counts = torch.tensor([[0.0, 3.0, 1.0]])
+    out = apply_count_penalties(logits, counts, torch.tensor([0.5]), torch.tensor([0.25]))
+    assert out.tolist() == [[2.0, -3.25, 0.25]]
+    ids = engine.encode_prompt(PROMPTS[0])
+    plain = engine.generate(PROMPTS[0], max_tokens=24, ignore_eos=True).token_ids
+    for presence, frequency in ((1.5, 0.0), (0.0, 2.0), (-0.5, 0.5)):
+        got = engine.generate(PROMPTS[0], max_tokens=24, ignore_eos=True, presence_penalty=presence,
+                              frequency_penalty=frequency).token_ids
+        assert got == reference_greedy_penalised(engine.model, ids, 24, presence, frequency), (presence, frequency)
+    penalised = engine.generate(PROMPTS[0], max_tokens=24, ignore_eos=True, presence_penalty=2.0).token_ids
+    assert len(set(penalised)) > len(set(plain))
+    # a penalised row beside plain rows: each row keeps its own counts
+    batched = engine.generate([PROMPTS[0], PROMPTS[1]], max_tokens=16, ignore_eos=True, frequency_penalty=2.0)
+    assert batched[0].token_ids == reference_greedy_penalised(engine.model, ids, 16, 0.0, 2.0)
+    with pytest.raises(DscoderError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3)
 
 
 def test_top_logprobs(engine):

@@ -195,6 +195,23 @@ def test_tabby_openai_completion_with_suffix(server):
     assert "".join(c["choices"][0]["text"] for c in chunks) == greedy_fim(server)
 
 
+def test_presence_and_frequency_penalties_reach_the_engine(server):
+    """Clients configured with nonzero penalties (Tabby's presence_penalty, Continue's options) are served, and the
+    penalty is applied: the same as the engine's own penalised greedy decode."""
+    engine = server["engine"]
+    want = engine.generate(PREFIX, max_tokens=8, ignore_eos=True, presence_penalty=1.5,
+                           frequency_penalty=0.5).text
+    for path, body, read in (
+            ("/v1/completions", {"model": NAME, "prompt": PREFIX, "max_tokens": 8, "temperature": 0.0,
+                                 "presence_penalty": 1.5, "frequency_penalty": 0.5, "ignore_eos": True},
+             lambda r: r["choices"][0]["text"]),
+            ("/completion", {"prompt": PREFIX, "n_predict": 8, "temperature": 0.0, "presence_penalty": 1.5,
+                             "frequency_penalty": 0.5, "ignore_eos": True}, lambda r: r["content"])):
+        status, _, text = post(server, path, body)
+        assert status == 200, text
+        assert read(json.loads(text)) == want, path
+
+
 def test_continue_openai_completion_with_a_long_stop_list(server):
     # continuedev/continue core/llm/llms/OpenAI.ts (legacy completions, _streamComplete/_streamFim): {model, prompt,
     # suffix, max_tokens, temperature, top_p, frequency_penalty, presence_penalty, stop, stream: true}
@@ -361,7 +378,7 @@ def test_response_fields_pick_slash_paths():
     ("/infill", {"input_prefix": "a", "n_indent": -1}, "n_indent"),
     ("/infill", {"input_prefix": 5}, "input_prefix"),
     ("/infill", {"input_prefix": "a", "n_predict": 100000}, "n_predict"),
-    ("/infill", {"input_prefix": "a", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/infill", {"input_prefix": "a", "presence_penalty": 5}, "presence_penalty"),
     ("/completion", {}, "prompt"),
     ("/completion", {"prompt": []}, "prompt"),
     ("/completion", {"prompt": [1.5]}, "prompt"),

@@ -149,6 +149,12 @@ def test_generate_base_prompt_options_and_template(url, servers):
                                                    "system": "be brief", "options": {"num_predict": 10,
                                                                                      "temperature": 0}})[2])
     assert out2["response"] == ref.text
+    # Continue passes presence/frequency penalties through options: applied as the engine applies them
+    pen = servers["engine"].generate("import os\n", max_tokens=10, presence_penalty=1.0, frequency_penalty=0.5)
+    out3 = json.loads(_call(url, "/api/generate", {"model": NAME, "prompt": "import os\n", "stream": False,
+                                                   "options": {"num_predict": 10, "temperature": 0,
+                                                               "presence_penalty": 1.0, "frequency_penalty": 0.5}})[2])
+    assert out3["response"] == pen.text
     # a request template with Ollama's variables
     out3 = json.loads(_call(url, "/api/generate", {"model": NAME, "prompt": "os\n", "stream": False,
                                                    "template": "import {{ .Prompt }}",

@@ -303,6 +303,7 @@ class Scheduler:
         self.last = torch.zeros(max_batch, dtype=torch.long, device=dev)  # last sampled token = next input
         self.rows = RowParams.empty(max_batch, dev)
         self.seen = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.bool, device=dev)
+        self.counts = torch.zeros(max_batch, cfg.vocab_size, dtype=torch.float32, device=dev)  # generated, per token
         self.slots: list[Sequence | None] = [None] * max_batch
         self.cursor = 0
         self.waiting: deque[Sequence] = deque()
@@ -462,13 +463,15 @@ class Scheduler:
         self.pos[rows] = am.sum(1)
         self.steps[rows] = 0
         self.seen[rows] = False
+        self.counts[rows] = 0
         needs = Needs.of([s.params for s in seqs])
         for j, (s, slot) in enumerate(zip(seqs, slots)):
             self.slots[slot] = s
             self.rows.set_row(slot, s.params)
             if needs.penalty:
                 self.seen[slot, torch.tensor(s.prompt_ids, device=self.device)] = True
-        token, lp, top_ids, top_lp = sample(logits, self.rows.index(rows), self.steps[rows], needs, self.seen[rows])
+        token, lp, top_ids, top_lp = sample(logits, self.rows.index(rows), self.steps[rows], needs, self.seen[rows],
+                                            self.counts[rows])
         self._advance(rows, token, needs)
         self._deliver(slots, [token], [lp], [top_ids], [top_lp])
 
@@ -477,6 +480,9 @@ class Scheduler:
         self.steps[rows] += 1
         if needs.penalty:
             self.seen[rows] = self.seen[rows].scatter(1, token[:, None], True)
+        if needs.counts:
+            self.counts[rows] = self.counts[rows].scatter_add(
+                1, token[:, None], torch.ones(token.shape[0], 1, dtype=self.counts.dtype, device=self.device))
 
     def _decode_block(self) -> None:
         active = self.active
@@ -507,7 +513,8 @@ class Scheduler:
             logits = self._decode_call(ids, attention_mask=mask, position_ids=pos, cache=view,
                                        start_pos=self.cursor).logits[:, -1]
             token, lp, top_ids, top_lp = sample(logits, row_params, self.steps[:nb], needs,
-                                                self.seen[:nb] if needs.penalty else None)
+                                                self.seen[:nb] if needs.penalty else None,
+                                                self.counts[:nb] if needs.counts else None)
             self._advance(rows, token, needs)
             self.pos[:nb] += 1
             self.cursor += 1
@@ -516,13 +523,14 @@ class Scheduler:
 
     # ----- prompt-lookup speculation ----------------------------------------------------------------------------
     def _speculates(self, seqs: list[Sequence]) -> bool:
-        """Speculate for a batch of one greedy request without a repetition penalty: there a verify step over
+        """Speculate for a batch of one greedy request without a penalty: there a verify step over
         k + 1 positions costs little more than a plain step (decode is bound by reading weights), whereas with
         more rows the extra positions add real work, and sampled or penalised rows would need their own rules."""
         if not self.spec_tokens or len(seqs) != 1:
             return False
         p = seqs[0].params
-        return p.temperature == 0 and p.repetition_penalty == 1
+        return (p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0
+                and p.frequency_penalty == 0)
 
     def _speculate(self, slot: int, seq: Sequence) -> bool:
         """One verify step: draft up to ``spec_tokens`` tokens by prompt lookup, run the last token and the draft

@@ -42,8 +42,8 @@ COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 # Draft tokens per speculative verify step (prompt lookup; see Scheduler._speculate and bench_speculative.py).
 SPEC_TOKENS = 8
 
-_SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
-                  "stop_token_ids", "ignore_eos", "logprobs"}
+_SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs"}
 
 
 def engine_device(device: torch.device | str) -> torch.device:

@@ -27,7 +27,9 @@ class SamplingParams:
 
     ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 turn those filters off; ``repetition_penalty`` > 1
     discourages tokens already in the prompt or output (CTRL's rule: divide positive logits, multiply negative
-    ones). ``stop`` strings end the text before the match; ``stop_token_ids`` (and eos unless ``ignore_eos``) end
+    ones). ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, in [-2, 2]) lower the logit of every token the
+    output already holds by ``presence + frequency * count`` (the generated tokens only, as OpenAI and vLLM do).
+    ``stop`` strings end the text before the match; ``stop_token_ids`` (and eos unless ``ignore_eos``) end
     it after that token, which is not shown. ``logprobs``: None for none, 0 for the chosen token's log-probability,
     n > 0 for the n most likely tokens too (log-softmax of the model's logits, before any sampling filter).
     ``seed`` None draws a random seed.
@@ -38,6 +40,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -67,6 +71,9 @@ class SamplingParams:
             bad("top_k", "an integer >= 0 (0 = off)")
         if not _is_num(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
             bad("repetition_penalty", "a number in (0, 10]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                bad(name, "a number in [-2, 2]")
         if not _is_int(self.seed):
             bad("seed", "an integer")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -94,12 +101,15 @@ class RowParams:
     top_k: torch.Tensor
     penalty: torch.Tensor
     seed: torch.Tensor
+    presence: torch.Tensor
+    frequency: torch.Tensor
 
     @classmethod
     def empty(cls, batch: int, device) -> RowParams:
         f = dict(dtype=torch.float32, device=device)
         return cls(torch.zeros(batch, **f), torch.ones(batch, **f), torch.zeros(batch, dtype=torch.long, device=device),
-                   torch.ones(batch, **f), torch.zeros(batch, dtype=torch.long, device=device))
+                   torch.ones(batch, **f), torch.zeros(batch, dtype=torch.long, device=device),
+                   torch.zeros(batch, **f), torch.zeros(batch, **f))
 
     def set_row(self, row: int, p: SamplingParams) -> None:
         self.temperature[row] = p.temperature
@@ -107,9 +117,12 @@ class RowParams:
         self.top_k[row] = p.top_k
         self.penalty[row] = p.repetition_penalty
         self.seed[row] = p.seed & 0x7FFFFFFF
+        self.presence[row] = p.presence_penalty
+        self.frequency[row] = p.frequency_penalty
 
     def index(self, rows: torch.Tensor) -> RowParams:
-        return RowParams(*(t[rows] for t in (self.temperature, self.top_p, self.top_k, self.penalty, self.seed)))
+        return RowParams(*(t[rows] for t in (self.temperature, self.top_p, self.top_k, self.penalty, self.seed,
+                                             self.presence, self.frequency)))
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,7 @@ class Needs:
     sampling: bool = False   # some row has temperature > 0
     filtering: bool = False  # some row has top-k or top-p
     penalty: bool = False    # some row has repetition_penalty != 1
+    counts: bool = False     # some row has a presence or frequency penalty
     top_logprobs: int = -1   # -1: no logprobs; 0: chosen token only; n: top n too
 
     @classmethod
@@ -127,6 +141,7 @@ class Needs:
         return cls(sampling=any(p.temperature > 0 for p in params),
                    filtering=any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params),
                    penalty=any(p.repetition_penalty != 1 for p in params),
+                   counts=any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params),
                    top_logprobs=max(lp) if lp else -1)
 
 
@@ -160,13 +175,21 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, pen
     return torch.where(seen_BV, penalised, logits_BV)
 
 
+def apply_count_penalties(logits_BV: torch.Tensor, counts_BV: torch.Tensor, presence_B: torch.Tensor,
+                          frequency_B: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the counts of the tokens generated so far."""
+    return logits_BV - frequency_B[:, None] * counts_BV - presence_B[:, None] * (counts_BV > 0)
+
+
 def sample(logits_BV: torch.Tensor, rows: RowParams, step_B: torch.Tensor, needs: Needs,
-           seen_BV: torch.Tensor | None = None):
+           seen_BV: torch.Tensor | None = None, counts_BV: torch.Tensor | None = None):
     """One token per row. Returns ``(token_B, logprob_B | None, top_ids_BK | None, top_logprobs_BK | None)``."""
     logits = logits_BV.float()
     logprob_BV = torch.log_softmax(logits, dim=-1) if needs.top_logprobs >= 0 else None
     if needs.penalty and seen_BV is not None:
         logits = apply_repetition_penalty(logits, seen_BV, rows.penalty)
+    if needs.counts and counts_BV is not None:
+        logits = apply_count_penalties(logits, counts_BV, rows.presence, rows.frequency)
     token = logits.argmax(dim=-1)
     if needs.sampling:
         greedy = rows.temperature <= 0

@@ -34,14 +34,12 @@ WARNING_HEADER = "X-Dscoder-Warning"
 
 def llama_params(state: ServerState, body: InfillRequest | LlamaCompletionRequest) -> SamplingParams:
     """The engine's sampling parameters for a llama.cpp body; a value it refuses is a 400 naming it."""
-    if body.presence_penalty or body.frequency_penalty:
-        raise APIError(400, "presence_penalty and frequency_penalty are not supported; use repeat_penalty",
-                       param="presence_penalty" if body.presence_penalty else "frequency_penalty")
     max_tokens = state.check_max_tokens(None if body.n_predict < 0 else body.n_predict, "n_predict")
     seed = None if body.seed is None or body.seed < 0 else body.seed & 0x7FFFFFFF
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                              repetition_penalty=body.repeat_penalty, stop=tuple(s for s in body.stop if s),
+                              repetition_penalty=body.repeat_penalty, presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty, stop=tuple(s for s in body.stop if s),
                               seed=seed, ignore_eos=body.ignore_eos, stream=body.stream)
     except DscoderError as e:
         raise APIError(400, str(e), param=str(e).split(":")[0]) from None

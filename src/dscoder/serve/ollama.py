@@ -84,8 +84,7 @@ class _Body(BaseModel):
 
 
 # Options Ollama samples with and this engine does not: refused unless they ask for no effect.
-UNSUPPORTED_OPTIONS = {"min_p": 0.0, "typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "presence_penalty": 0.0,
-                       "frequency_penalty": 0.0}
+UNSUPPORTED_OPTIONS = {"min_p": 0.0, "typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0}
 
 
 class Options(_Body):
@@ -103,8 +102,8 @@ class Options(_Body):
     typical_p: float | None = None
     tfs_z: float | None = None
     mirostat: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 KeepAlive = int | float | str | None
@@ -181,7 +180,8 @@ def sampling_params(state: ServerState, options: Options | None) -> SamplingPara
     seed = None if o.seed is None or o.seed < 0 else o.seed & 0x7FFFFFFF
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=o.temperature, top_p=o.top_p, top_k=max(o.top_k, 0),
-                              repetition_penalty=o.repeat_penalty, seed=seed, stop=tuple(s for s in stop if s))
+                              repetition_penalty=o.repeat_penalty, presence_penalty=o.presence_penalty,
+                              frequency_penalty=o.frequency_penalty, seed=seed, stop=tuple(s for s in stop if s))
     except DscoderError as e:
         raise APIError(400, f"options.{e}") from None
 

@@ -31,15 +31,14 @@ router = APIRouter()
 def sampling_params(state: ServerState, body: CompletionRequest | ChatRequest, max_tokens: int | None,
                     logprobs: int | None, index: int) -> SamplingParams:
     """The engine's sampling parameters for sample ``index`` of ``body``; a value it refuses is a 400 naming it."""
-    if body.presence_penalty or body.frequency_penalty:
-        raise APIError(400, "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
-                       param="presence_penalty")
     max_tokens = state.check_max_tokens(max_tokens)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     seed = None if body.seed is None else (body.seed + index) & 0x7FFFFFFF
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=max(body.top_k, 0), repetition_penalty=body.repetition_penalty, seed=seed,
+                              top_k=max(body.top_k, 0), repetition_penalty=body.repetition_penalty,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              seed=seed,
                               stop=tuple(s for s in stop if s), stop_token_ids=tuple(body.stop_token_ids or ()),
                               ignore_eos=body.ignore_eos, logprobs=logprobs, stream=body.stream)
     except DscoderError as e:
