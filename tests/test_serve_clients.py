@@ -199,13 +199,14 @@ def test_presence_and_frequency_penalties_reach_the_engine(server):
     """Clients configured with nonzero penalties (Tabby's presence_penalty, Continue's options) are served, and the
     penalty is applied: the same as the engine's own penalised greedy decode."""
     engine = server["engine"]
-    want = engine.generate(PREFIX, max_tokens=8, ignore_eos=True, presence_penalty=1.5,
+    want = engine.generate(PREFIX, max_tokens=16, ignore_eos=True, presence_penalty=1.5,
                            frequency_penalty=0.5).text
+    assert want != engine.generate(PREFIX, max_tokens=16, ignore_eos=True).text  # so a dropped penalty shows
     for path, body, read in (
-            ("/v1/completions", {"model": NAME, "prompt": PREFIX, "max_tokens": 8, "temperature": 0.0,
+            ("/v1/completions", {"model": NAME, "prompt": PREFIX, "max_tokens": 16, "temperature": 0.0,
                                  "presence_penalty": 1.5, "frequency_penalty": 0.5, "ignore_eos": True},
              lambda r: r["choices"][0]["text"]),
-            ("/completion", {"prompt": PREFIX, "n_predict": 8, "temperature": 0.0, "presence_penalty": 1.5,
+            ("/completion", {"prompt": PREFIX, "n_predict": 16, "temperature": 0.0, "presence_penalty": 1.5,
                              "frequency_penalty": 0.5, "ignore_eos": True}, lambda r: r["content"])):
         status, _, text = post(server, path, body)
         assert status == 200, text

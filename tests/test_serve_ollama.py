@@ -151,6 +151,7 @@ def test_generate_base_prompt_options_and_template(url, servers):
     assert out2["response"] == ref.text
     # Continue passes presence/frequency penalties through options: applied as the engine applies them
     pen = servers["engine"].generate("import os\n", max_tokens=10, presence_penalty=1.0, frequency_penalty=0.5)
+    assert pen.text != ref.text  # so a dropped penalty shows
     out3 = json.loads(_call(url, "/api/generate", {"model": NAME, "prompt": "import os\n", "stream": False,
                                                    "options": {"num_predict": 10, "temperature": 0,
                                                                "presence_penalty": 1.0, "frequency_penalty": 0.5}})[2])

@@ -69,26 +69,12 @@ def _control_strings(tok) -> list[str]:
     return [t for t in (tok.bos_token, tok.eos_token, tok.pad_token, FIM_BEGIN_TOKEN, FIM_HOLE_TOKEN, FIM_END_TOKEN) if t]
 
 
-async def fim_ids(state: ServerState, prefix: str, suffix: str) -> list[int]:
-    """DeepSeek's fill-in-the-middle prompt for ``prefix`` and ``suffix``, checked against the context (no
-    truncation; :func:`fim_request_ids` with its defaults)."""
-    return (await fim_request_ids(state, prefix, suffix)).ids
-
-
 async def chat_ids(state: ServerState, messages: list[dict]) -> list[int]:
     """The chat template over ``messages`` ([{"role", "content": str}]), checked against the context."""
     check_text_size(state, sum(len(m["content"]) for m in messages))
     ids = await tokenize(state.engine.chat_ids, messages)
     check_ids(state, ids)
     return ids
-
-
-async def text_ids(state: ServerState, text: str) -> list[int]:
-    """Plain text (no bos, special-token strings as bytes), e.g. the start of an infill's middle."""
-    check_text_size(state, len(text))
-    if state.engine.tokenizer is None:
-        raise APIError(400, "this server has no tokenizer: send token ids")
-    return await tokenize(state.engine.tokenizer.encode, text)
 
 
 # ----- the one FIM prompt builder behind /infill, /v1/completions, /beta/completions and /api/generate ---------------
