@@ -413,3 +413,27 @@ def test_ctrl_c_during_a_save_stops_after_it():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("the save went on")
     assert done == ["the save went on"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_packaged_recipe_with_model_init_override(tmp_path):
+    """configs/sft-tiny.toml says preset = "tiny"; its documented `model.init=DIR` override replaces the preset."""
+    from dscoder.align.recipe import load_recipe
+    from dscoder.align.sft import SFTData, SFTSection
+
+    cfg = load_recipe("sft-tiny", [f"model.init={tmp_path}"], "sft", SFTData, SFTSection)
+    assert cfg.model.init == str(tmp_path) and cfg.model.preset is None
+    cfg = TrainConfig.load(ROOT / "configs" / "tiny.toml", ["data.path=x", f"model.init={tmp_path}"])
+    assert cfg.model.init == str(tmp_path) and cfg.model.preset is None
+    with pytest.raises(ConfigError, match="not both"):  # both given on the command line: still refused
+        TrainConfig.load(ROOT / "configs" / "tiny.toml", ["data.path=x", "model.preset=tiny", f"model.init={tmp_path}"])
+
+
+def test_overrides_before_and_after_options(data_dir, tmp_path):
+    """KEY=VALUE overrides may stand before --out as well as after it (argparse took only one run of them)."""
+    out = tmp_path / "run"
+    assert main(["train", "pretrain", "--config", "tiny", f"data.path={data_dir}", "data.seq_len=32", "--out",
+                 str(out), "train.steps=1", "train.micro_batch=2", "train.warmup_steps=1", "train.ckpt_every=1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["seq_len"] == 32 and cfg["train"]["steps"] == 1
+    with pytest.raises(SystemExit):
+        main(["train", "pretrain", "--config", "tiny", "--out", str(tmp_path / "r2"), "--bogus"])

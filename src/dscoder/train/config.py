@@ -200,11 +200,18 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
             raise ConfigError(f"{path}: not a TOML file (not valid UTF-8 at byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    given = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
         _set_dotted(raw, key.strip(), _parse_value(value.strip()))
+        given.add(key.strip())
+    # model.preset and model.init are alternatives: an override of one replaces the other from the file (a recipe
+    # with preset = "tiny" run with model.init=DIR starts from DIR)
+    for mine, other in (("model.init", "model.preset"), ("model.preset", "model.init")):
+        if mine in given and other not in given and isinstance(raw.get("model"), dict):
+            raw["model"].pop(other.split(".")[1], None)
     return raw
 
 
