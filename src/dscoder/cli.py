@@ -43,6 +43,7 @@ def model_info(args: argparse.Namespace) -> int:
                     f" + {c.n_shared_experts or 0} shared") if layer.is_moe else f"dense {c.intermediate_size}",
             "parameters": sum(p.numel() for p in layer.parameters()),
         })
+    _decode_facts(args, info)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -55,9 +56,40 @@ def model_info(args: argparse.Namespace) -> int:
     print(f"  hidden {c.hidden_size}, heads {c.num_attention_heads}, kv_lora_rank {c.kv_lora_rank}, "
           f"q_lora_rank {c.q_lora_rank}, vocab {c.vocab_size}, rope {c.rope_scaling['type'] if c.rope_scaling else 'plain'}"
           f", softmax scale {c.softmax_scale:.6f}")
+    if "decode" in info:
+        d = info["decode"]
+        print(f"  weights               {d['scheme']}: {d['weight_bytes']:,} bytes; a decode step reads "
+              f"{d['bytes_per_token']:,} -> at most {d['tokens_per_s']:.1f} tokens/s at {d['bandwidth_gbps']:g} GB/s")
     print(f"  {'layer':>5}  {'attention':<18} {'ffn':<34} {'parameters':>12}")
     for row in info["layers"]:
         print(f"  {row['layer']:>5}  {row['attention']:<18} {row['ffn']:<34} {_human(row['parameters']):>12}")
+    return 0
+
+
+def _decode_facts(args: argparse.Namespace, info: dict) -> None:
+    """Bytes on disk, bytes one decode step reads and the tokens/s that ``--bandwidth`` allows (checkpoints only)."""
+    from dscoder.quant.checkpoint import decode_bytes_per_token, quantization_config
+
+    if args.bandwidth <= 0:
+        raise DscoderError(f"--bandwidth {args.bandwidth:g}: expected a positive number of GB/s")
+    if not (Path(args.source) / "config.json").is_file():
+        return
+    q = quantization_config(args.source)
+    sizes = decode_bytes_per_token(args.source)
+    scheme = "float (as stored)" if q is None else (
+        f"int{q['bits']} " + ("per channel" if q["bits"] == 8 else f"groups of {q['group_size']}"))
+    info["decode"] = {"scheme": scheme, "bits": q["bits"] if q else None, "weight_bytes": sizes["weights"],
+                      "bytes_per_token": sizes["per_token"], "bandwidth_gbps": args.bandwidth,
+                      "tokens_per_s": args.bandwidth * 1e9 / sizes["per_token"]}
+
+
+def quantize(args: argparse.Namespace) -> int:
+    from dscoder.quant.checkpoint import decode_bytes_per_token, quantize_checkpoint
+
+    out = quantize_checkpoint(args.source, args.out, bits=args.bits, group_size=args.group_size, dtype=args.dtype)
+    before, after = decode_bytes_per_token(args.source)["weights"], decode_bytes_per_token(out)["weights"]
+    print(f"wrote an int{args.bits} checkpoint to {out}: {after:,} bytes of weights ({after / before:.2f}x the "
+          f"source's {before:,})")
     return 0
 
 
@@ -81,7 +113,8 @@ def data_build(args: argparse.Namespace) -> int:
                          rules=asdict(rules), tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
                          vocab_size=args.vocab_size, humaneval=not args.no_humaneval,
                          mbpp=str(Path(args.mbpp).resolve()) if args.mbpp else None, dedup=not args.no_dedup,
-                         tasks=tasks)
+                         tasks=tasks, kind=args.kind,
+                         text_filters=[f.strip() for f in args.text_filters.split(",") if f.strip()])
     slurm = {"partition": args.slurm_partition, "time": args.slurm_time}
     print(f"building {args.out} from {', '.join(str(p) for p in sources)} ({tasks} tasks, {args.executor})",
           file=sys.stderr)
@@ -176,19 +209,39 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("source", metavar="PRESET_OR_DIR",
                       help=f"a preset ({', '.join(PRESETS)}) or an HF checkpoint directory with config.json")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.add_argument("--bandwidth", type=float, default=40.0, metavar="GBPS",
+                      help="memory read bandwidth for the decode-speed bound of a checkpoint directory (40 GB/s)")
     info.set_defaults(func=model_info)
+
+    qz = sub.add_parser("quantize", help="HF checkpoint -> int8 or int4 weight-only checkpoint",
+                        description="Quantize every linear layer and the stacked routed experts of an HF checkpoint "
+                                    "(int8: symmetric per output channel; int4: symmetric per group of input "
+                                    "columns); norms, router, embeddings and kv_b_proj stay in --dtype. The output "
+                                    "loads like any checkpoint (generate, chat, serve, dscoder.load_model), "
+                                    "memory-mapped, and runs on PyTorch's CPU weight-only kernels.")
+    qz.add_argument("source", metavar="HF_DIR", help="an HF checkpoint directory (float weights)")
+    qz.add_argument("--out", required=True, help="a new or empty directory")
+    qz.add_argument("--bits", type=int, default=8, help="8 or 4 (default 8)")
+    qz.add_argument("--group-size", type=int, default=None, metavar="N",
+                    help="int4 group size: 32, 64, 128 or 256 (default 128; a layer whose inputs it does not divide "
+                         "takes the largest smaller one that does)")
+    qz.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                    help="dtype of the tensors kept in high precision and of the scales (bfloat16)")
+    qz.set_defaults(func=quantize)
 
     data = sub.add_parser("data", help="build training corpora", description="Build and inspect code corpora.")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     b = data_sub.add_parser(
-        "build", help="source code -> filtered, deduplicated, decontaminated token shards",
-        description="Read folders / git checkouts / .jsonl(.gz) / .parquet documents, identify languages "
+        "build", help="source code or web text -> filtered, deduplicated, decontaminated token shards",
+        description="Read folders / git checkouts / .jsonl(.gz) / .parquet documents / .warc(.gz) web dumps (HTML "
+                    "extracted by Trafilatura, as datatrove does), identify languages "
                     "(go-enry), apply DeepSeek-Coder-V2's and StarCoder2's quality rules, drop exact and near "
-                    "duplicates (MinHash LSH) and files overlapping HumanEval/MBPP, train a BPE tokenizer (unless "
+                    "duplicates (MinHash LSH) and files overlapping HumanEval/MBPP (text documents: datatrove's "
+                    "Gopher, C4 and FineWeb quality filters instead of the code rules), train a BPE tokenizer (unless "
                     "--tokenizer is given) and write token shards. Rerunning the same command resumes (refused if a "
                     "source changed since the build started: then use a fresh --out).")
     b.add_argument("sources", nargs="*", metavar="SOURCE",
-                   help="folders, .jsonl(.gz) or .parquet files (default: this Python's standard library)")
+                   help="folders, .jsonl(.gz), .parquet or .warc(.gz) files (default: this Python's standard library)")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--tokenizer", help="a tokenizer directory to use instead of training one")
     b.add_argument("--vocab-size", type=int, default=8192,
@@ -199,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
                    help="override a rule threshold, e.g. max_line_length=2000, code_rules=false, "
                         "languages=Python,Rust (repeatable)")
+    b.add_argument("--kind", choices=["code", "text"], default="code",
+                   help="code: language id and the code rules (WARC pages are text all the same); text: every "
+                        "document is natural language (web or math pages): generic rules, then datatrove's quality "
+                        "filters")
+    b.add_argument("--text-filters", default="gopher_repetition,gopher_quality,c4_quality,fineweb_quality",
+                   metavar="NAMES", help="datatrove filters for text documents, comma-separated (default: all four; "
+                                         "'' for none)")
     b.add_argument("--tasks", type=int, default=0, help="tasks per parallel stage (default 2 x cores; at most 10,000)")
     b.add_argument("--workers", type=int, default=-1, help="local worker processes (default: all cores)")
     b.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")

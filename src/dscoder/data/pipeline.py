@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from dscoder.data import langid
 from dscoder.data.rules import RuleConfig, check
 from dscoder.data.shards import ShardWriter
 from dscoder.data.sources import RawDocument, changed_sources, iter_documents, scan_sources
+from dscoder.data.text import TEXT_FILTERS, TextFilters
 from dscoder.errors import ConfigError, DscoderError
 from dscoder.io import atomic_path, atomic_write, iter_jsonl, write_json
 
@@ -62,6 +63,10 @@ class BuildConfig:
     minhash_perms: int = 256
     minhash_ngram: int = 5
     tasks: int = 4
+    # "code": the code rules (a WARC source's pages are text all the same); "text": every document is natural
+    # language: the generic rules, then datatrove's quality filters (text_filters, dscoder.data.text)
+    kind: str = "code"
+    text_filters: list[str] = field(default_factory=lambda: list(TEXT_FILTERS))
 
     @property
     def rule_config(self) -> RuleConfig:
@@ -86,6 +91,11 @@ class BuildConfig:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
             raise ConfigError(f"minhash_threshold must be a number in (0, 1], got {t!r}")
         self.rule_config.validate()
+        if self.kind not in ("code", "text"):
+            raise ConfigError(f"kind must be 'code' or 'text', got {self.kind!r}")
+        bad = [f for f in self.text_filters if f not in TEXT_FILTERS]
+        if bad:
+            raise ConfigError(f"text_filters: unknown filter '{bad[0]}' (known: {', '.join(TEXT_FILTERS)})")
 
 
 MAX_TASKS = 10_000
@@ -138,6 +148,8 @@ class FilterStage(PipelineStep):
         """``(rule or None, language, text)`` for one document."""
         if raw.error:
             return raw.error, "", ""
+        if self.config.kind == "text" or raw.kind == "text":
+            return self._decide_text(raw, rules, decontam)
         content = raw.content
         if isinstance(content, bytes):
             if langid.is_binary(content):
@@ -164,6 +176,26 @@ class FilterStage(PipelineStep):
         if rule is None and decontam is not None and decontam.hit(text):
             rule = "decontamination"
         return rule, language, text
+
+    def _decide_text(self, raw: RawDocument, rules: RuleConfig, decontam) -> tuple[str | None, str, str]:
+        """A natural-language document: the generic rules (no code rules), then datatrove's quality filters."""
+        content = raw.content
+        if isinstance(content, bytes):
+            try:
+                content = content.decode("utf-8")
+            except UnicodeDecodeError:
+                return "not_utf8", "", ""
+        rule = check(content, "Text", replace(rules, code_rules=False), raw.path)
+        if rule is not None:
+            return rule, "Text", content
+        if self._text_filters is None:
+            self._text_filters = TextFilters(self.config.text_filters)
+        rule, text = self._text_filters.check(content)
+        if rule is None and decontam is not None and decontam.hit(text):
+            rule = "decontamination"
+        return rule, "Text", text
+
+    _text_filters: TextFilters | None = None
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from dscoder.data.decontam import Decontaminator
@@ -204,7 +236,7 @@ class FilterStage(PipelineStep):
                 orders.append(raw.index)
                 shas.append(sha)
                 keep({"id": raw.id, "index": raw.index, "path": raw.path, "language": language, "sha256": sha,
-                      "text": text})
+                      "text": text, **({"url": raw.url} if raw.url else {})})
         sig_matrix = np.stack(sigs) if sigs else np.zeros((0, cfg.minhash_perms), dtype=np.uint64)
         with atomic_path(out / "_work" / "sigs" / f"{rank:05d}.npz", suffix=".npz") as tmp:  # savez adds .npz
             np.savez(tmp, order=np.asarray(orders, dtype=np.int64), sha=np.asarray(shas, dtype="U64"),
@@ -351,7 +383,7 @@ class TokenizeStage(PipelineStep):
                 languages[doc["language"]] += 1
                 stats["documents_kept"] += 1
                 stats["bytes_kept"] += len(doc["text"].encode("utf-8"))
-                write_doc({k: doc[k] for k in ("id", "path", "language", "text")})
+                write_doc({k: doc[k] for k in ("id", "path", "language", "text", "url") if k in doc})
                 pending.append(doc)
                 if len(pending) >= self.batch:
                     flush()
@@ -477,6 +509,8 @@ def prepare(config: BuildConfig) -> list[dict[str, Any]]:
         theirs = _read_json(record)
         if not isinstance(theirs, dict):
             raise DscoderError(f"{record}: not a build record (expected a JSON object); delete the folder to rebuild")
+        for key in ("kind", "text_filters"):  # builds made before these settings existed are code builds
+            theirs.setdefault(key, mine[key] if key == "text_filters" else "code")
         if theirs != mine:
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise DscoderError(f"{out}: holds a build with other settings ({', '.join(changed)}); "

@@ -1,5 +1,6 @@
 """Where documents come from: folders and git checkouts (files walked, ``.git`` skipped), jsonl files and parquet
-files of documents. Every document gets a stable global index, so a build can be split into tasks by
+files of documents, and web dumps (WARC files, read as datatrove reads them and their HTML turned into text by
+Trafilatura: :mod:`dscoder.data.text`; a WARC document is natural language, ``kind == "text"``). Every document gets a stable global index, so a build can be split into tasks by
 ``index % world_size`` and rerun identically.
 
 :func:`scan_sources` runs once, in the launching process, before any task: it reads each jsonl's lines and each
@@ -23,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dscoder.data.text import count_warc_documents, is_warc, iter_warc
 from dscoder.errors import DscoderError
 
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__"}
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".warc", ".warc.gz")
 
 
 @dataclass
@@ -39,6 +41,8 @@ class RawDocument:
     path: str
     content: bytes | str | None
     error: str | None = None
+    url: str | None = None  # a web page's address (WARC-Target-URI, or a record's "url" field)
+    kind: str = "code"  # "text": natural language (a web page), filtered as text whatever the build's kind
 
 
 def default_sources() -> list[Path]:
@@ -47,7 +51,7 @@ def default_sources() -> list[Path]:
 
 
 def check_sources(sources: list[str | Path]) -> list[Path]:
-    """Each source must be a folder, or a regular ``.jsonl``, ``.jsonl.gz`` or ``.parquet`` file."""
+    """Each source must be a folder, or a regular ``.jsonl``, ``.jsonl.gz``, ``.parquet`` or ``.warc(.gz)`` file."""
     paths = []
     for s in sources:
         p = Path(s)
@@ -57,7 +61,7 @@ def check_sources(sources: list[str | Path]) -> list[Path]:
             if not p.is_file():
                 raise DscoderError(f"{s}: not a regular file or a folder (a FIFO, socket or device is never read)")
             if not p.name.endswith(RECORD_SUFFIXES):
-                raise DscoderError(f"{s}: expected a folder, a .jsonl(.gz) file or a .parquet file")
+                raise DscoderError(f"{s}: expected a folder, a .jsonl(.gz), .parquet or .warc(.gz) file")
         paths.append(p)
     return paths
 
@@ -111,6 +115,8 @@ def scan_sources(sources: list[str | Path]) -> list[dict[str, Any]]:
             kind, records = "folder", len(_walk(source))
         elif source.name.endswith(".parquet"):
             kind, records = "parquet", _parquet_rows(source)
+        elif is_warc(source):
+            kind, records = "warc", count_warc_documents(source)
         else:
             kind, records = "jsonl", _count_lines(source)
         entries.append({"path": str(source), "kind": kind, "fingerprint": fingerprint(source),
@@ -200,6 +206,9 @@ def iter_documents(sources: list[Path], rank: int = 0, world_size: int = 1, max_
         elif source.name.endswith(".parquet"):
             yield from _parquet(source, si, rank, world_size, index)
             index += records[si] if records is not None else _parquet_rows(source)
+        elif is_warc(source):
+            yield from _warc(source, si, rank, world_size, index)
+            index += records[si] if records is not None else count_warc_documents(source)
         else:
             yield from _jsonl(source, si, rank, world_size, index)
             index += records[si] if records is not None else _count_lines(source)
@@ -215,10 +224,28 @@ def _parquet(source: Path, si: int, rank: int, world_size: int, index_start: int
     text_col, path_col = _parquet_columns(table.column_names, source)
     texts = table.column(text_col).to_pylist()
     names = table.column(path_col).to_pylist() if path_col else [None] * len(texts)
-    for row, (text, name) in enumerate(zip(texts, names)):
+    urls = table.column("url").to_pylist() if "url" in table.column_names else [None] * len(texts)
+    for row, (text, name, url) in enumerate(zip(texts, names, urls)):
         index = index_start + row
         if index % world_size == rank:
-            yield _record(index, f"{si}:{row}", str(name or f"{source.name}#{row + 1}"), text)
+            doc = _record(index, f"{si}:{row}", str(name or f"{source.name}#{row + 1}"), text)
+            doc.url = url if isinstance(url, str) else None
+            yield doc
+
+
+def _warc(source: Path, si: int, rank: int, world_size: int, index_start: int) -> Iterator[RawDocument]:
+    """A WARC file's documents: the HTML of this task's records extracted to text (the costly part, so it runs in
+    the tasks); a record that is not an HTML page, or has no main text, is rejected with that rule."""
+    for n, record, rule in iter_warc(source):
+        index = index_start + n
+        if index % world_size != rank:
+            continue
+        where = f"{source.name}#{n + 1}"
+        if record is None:
+            yield RawDocument(index, f"{si}:{n}", where, None, rule, kind="text")
+        else:
+            url = record.get("url")
+            yield RawDocument(index, f"{si}:{n}", url or where, record["text"], url=url, kind="text")
 
 
 def _jsonl(path: Path, si: int, rank: int, world_size: int, index_start: int) -> Iterator[RawDocument]:
@@ -238,8 +265,11 @@ def _jsonl(path: Path, si: int, rank: int, world_size: int, index_start: int) ->
                 yield RawDocument(index, doc_id, where, None, "bad_record")
                 continue
             name = row.get("path") or row.get("filename") or row.get("id")
-            yield _record(index, doc_id, str(name) if isinstance(name, (str, int)) else where,
+            doc = _record(index, doc_id, str(name) if isinstance(name, (str, int)) else where,
                           row["text"] if "text" in row else row.get("content"))
+            url = row.get("url")
+            doc.url = url if isinstance(url, str) else None
+            yield doc
 
 
 def _record(index: int, doc_id: str, name: str, text: Any) -> RawDocument:
