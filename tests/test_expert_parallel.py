@@ -105,8 +105,8 @@ def test_ep_config_errors(data_dir, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="parallel.ep: expected a positive integer"):
         cfg("parallel.ep=0")
-    with pytest.raises(ConfigError, match="needs parallel.strategy = 'ddp' \\(FSDP2 \\+ EP is not supported"):
-        cfg("parallel.ep=2", "parallel.strategy=fsdp")
+    with pytest.raises(ConfigError, match="needs parallel.strategy = 'ddp' or 'fsdp'"):
+        cfg("parallel.ep=2", "parallel.strategy=none")
     with pytest.raises(ConfigError, match="needs torchrun with a multiple of 2 processes"):
         pretrain(cfg("parallel.ep=2", "train.steps=1"), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything was written

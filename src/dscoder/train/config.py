@@ -87,7 +87,8 @@ class TrainSection:
 class ParallelSection:
     strategy: str = "none"  # none | ddp | fsdp
     # expert parallel degree: the routed experts of every MoE layer are split over groups of ep ranks (torchrun
-    # with a multiple of ep processes; needs strategy = "ddp"); the rest of the model is data-parallel
+    # with a multiple of ep processes; strategy "ddp" or "fsdp"); the rest of the model is data-parallel (ddp:
+    # replicated; fsdp: sharded over the world/ep "dp" ranks, replicated over "ep")
     ep: int = 1
 
 
@@ -144,9 +145,8 @@ class TrainConfig:
         need(self.parallel.strategy in ("none", "ddp", "fsdp"), "parallel.strategy", "expected none, ddp or fsdp")
         ep = self.parallel.ep
         need(isinstance(ep, int) and ep >= 1, "parallel.ep", "expected a positive integer")
-        need(ep == 1 or self.parallel.strategy == "ddp", "parallel.ep",
-             f"expert parallelism (ep = {ep}) needs parallel.strategy = 'ddp' (FSDP2 + EP is not supported; the "
-             "non-expert weights are data-parallel over all ranks)")
+        need(ep == 1 or self.parallel.strategy in ("ddp", "fsdp"), "parallel.ep",
+             f"expert parallelism (ep = {ep}) needs parallel.strategy = 'ddp' or 'fsdp' (torchrun)")
         for i, s in enumerate(self.stages):
             need(s.steps > 0 and s.seq_len > 0, f"stages[{i}]", "steps and seq_len must be positive")
 

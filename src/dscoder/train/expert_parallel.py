@@ -162,23 +162,39 @@ def reduce_expert_grads(model: nn.Module) -> None:
     torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
+def hsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 shards the non-expert weights over under EP: the same ranks as ``mesh`` ("dp", "ep") with
+    the dimensions swapped, ("ep_replicate", "dp_shard"), since FSDP2 given a 2-D mesh replicates over the first
+    dimension and shards over the second (HSDP): each weight is sharded over "dp" and replicated over "ep", and its
+    gradient is reduce-scattered over "dp" and all-reduced over "ep", i.e. averaged over the whole world."""
+    from torch.distributed.device_mesh import DeviceMesh as Mesh
+
+    return Mesh(mesh.device_type, mesh.mesh.t().contiguous(), mesh_dim_names=("ep_replicate", "dp_shard"))
+
+
+def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The EP-sharded expert weights (what FSDP2 leaves alone: ``fully_shard(..., ignored_params=...)``)."""
+    return {p for m in _ep_modules(model) for p in (m.gate_up_proj, m.down_proj)}
+
+
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` over replicated gradients and EP-sharded expert gradients: the global
-    2-norm (expert shards' squares summed over "ep"), the same clip coefficient on every rank."""
-    modules = _ep_modules(model)
-    replicated, sharded = [], []
+    """``torch.nn.utils.clip_grad_norm_`` over plain (DDP-replicated) gradients and DTensor gradients on any mesh
+    (the EP-sharded experts; FSDP2's shards under FSDP2 + EP): the global 2-norm, each mesh's shards summed by
+    DTensor, the same clip coefficient on every rank."""
+    groups: dict[int, list[torch.Tensor]] = {}
     for p in model.parameters():
         if p.grad is not None:
-            (sharded if isinstance(p.grad, DTensor) else replicated).append(p.grad)
-    local = [g.to_local() for g in sharded]
-    device = (replicated or local)[0].device
-    sq_rep = torch.stack(torch._foreach_norm(replicated)).float().square().sum() if replicated else \
-        torch.zeros((), device=device)
-    sq_ep = torch.stack(torch._foreach_norm(local)).float().square().sum() if local else torch.zeros((), device=device)
-    if modules:
-        dist.all_reduce(sq_ep, group=modules[0].mesh["ep"].get_group())
-    total = (sq_rep + sq_ep).sqrt()
+            mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(id(mesh), []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float().square())
+    total = torch.stack(squares).sum().sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(replicated + local, coef)
+    local = [g.to_local() if isinstance(g, DTensor) else g for grads in groups.values() for g in grads]
+    torch._foreach_mul_(local, coef.to(local[0].device))
     return total

@@ -59,10 +59,12 @@ def setup_distributed() -> Dist:
 def parallelize(model: torch.nn.Module, config: TrainConfig, d: Dist) -> torch.nn.Module:
     strategy = config.parallel.strategy if d.world > 1 else "none"
     ep = config.parallel.ep
+    mesh = None
     if ep > 1:  # each rank keeps E/ep routed experts; the rest of the model stays data-parallel over all ranks
         from dscoder.train.expert_parallel import apply_expert_parallel, build_mesh
 
-        apply_expert_parallel(model, build_mesh(d.device.type, d.world, ep, model.config.n_routed_experts))
+        mesh = build_mesh(d.device.type, d.world, ep, model.config.n_routed_experts)
+        apply_expert_parallel(model, mesh)
     if config.train.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -81,13 +83,17 @@ def parallelize(model: torch.nn.Module, config: TrainConfig, d: Dist) -> torch.n
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(d.device.type, (d.world,))
+        if ep > 1:  # FSDP2 + EP: the experts stay EP-sharded (their gradients reduced by reduce_expert_grads);
+            # everything else is sharded over "dp" and replicated over "ep" (expert_parallel.hsdp_mesh)
+            fsdp_mesh, ignored = expert_parallel.hsdp_mesh(mesh), expert_parallel.expert_parameters(model)
+        else:
+            fsdp_mesh, ignored = init_device_mesh(d.device.type, (d.world,)), None
         for layer in model.model.layers:
             inner = getattr(layer, "_checkpoint_wrapped_module", layer)
-            if inner.is_moe:
-                fully_shard(inner.mlp.experts, mesh=mesh)  # the routed experts are their own unit
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            if inner.is_moe and ep == 1:
+                fully_shard(inner.mlp.experts, mesh=fsdp_mesh)  # the routed experts are their own unit
+            fully_shard(layer, mesh=fsdp_mesh, ignored_params=ignored)
+        fully_shard(model, mesh=fsdp_mesh, ignored_params=ignored)
     if config.train.compile:
         model = torch.compile(model)
     return model
