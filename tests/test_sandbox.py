@@ -380,7 +380,8 @@ def test_memory_limit_covers_forked_children():
 def test_a_sandbox_that_cannot_set_up_says_so(monkeypatch):
     broken = Sandbox(Limits(timeout_s=5), workers=1)
     config = broken._config
-    monkeypatch.setattr(broken, "_config", lambda slot, expose: {**config(slot, expose), "expose": ["/nonexistent"]})
+    monkeypatch.setattr(broken, "_config", lambda slot, expose, timeout: {**config(slot, expose, timeout),
+                                                              "expose": ["/nonexistent"]})
     result = broken.run("def f(x):\n    return x + 1\n", humaneval_call(CHECK_F))
     assert result.verdict == "sandbox_error" and result.reason.startswith("sandbox setup failed: ")
 

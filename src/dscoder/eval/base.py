@@ -39,6 +39,11 @@ class Problem:
         """Per-sample scores besides execution; for tasks without a program, ``correct`` is the verdict."""
         return {}
 
+    def result_metrics(self, result) -> dict[str, bool]:
+        """Per-sample scores read from the sandbox's :class:`~dscoder.eval.sandbox.RunResult` (e.g. EvalPlus's
+        base tests passing while the plus tests fail)."""
+        return {}
+
 
 def shown_program(source: str, call: dict) -> str:
     """The program as a person would rerun it by hand: the candidate, then its tests, then the check call
@@ -63,6 +68,12 @@ class Option:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     required: bool = False
+
+
+STYLE = Option("style", "--style", "prompt style: base = few-shot completion, instruct = chat", default="base",
+               choices=("base", "instruct"))
+PROBLEMS = Option("problems", "--problems", "the benchmark's problems file (default: the cache `dscoder eval fetch` "
+                  "fills)", metavar="FILE")
 
 
 @dataclass
@@ -104,6 +115,10 @@ class Task:
 
     def load(self, options: dict[str, Any], ctx: LoadContext) -> list[Problem]:
         raise NotImplementedError
+
+    def prepare(self, problems: list[Problem], sandbox) -> None:
+        """Work the problems need from the sandbox before any sample runs (EvalPlus: the expected outputs and
+        reference times, from running the canonical solutions there)."""
 
     def cache_tokens(self, options: dict[str, Any], context: int | None) -> int | None:
         """Tokens a local engine's cache must hold for this task (None: the engine's default is enough)."""

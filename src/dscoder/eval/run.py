@@ -22,7 +22,7 @@ from dscoder.eval.sandbox import Limits, Sandbox
 from dscoder.eval.tasks import get_task
 from dscoder.io import iter_jsonl, write_json, write_jsonl
 
-VERDICTS = ("passed", "failed", "timeout", "runtime_error", "sandbox_error")
+VERDICTS = ("passed", "failed", "timeout", "runtime_error", "compile_error", "sandbox_error")
 
 
 def read_samples(path: str | Path) -> dict[str, list[str]]:
@@ -221,6 +221,8 @@ def score(spec: Task, problems: list[Problem], completions: dict[str, list[str]]
     Returns ``done`` and the new rows, in that order."""
     rows = dict(done)
     jobs = []
+    spec.prepare([p for p in problems if any((p.task_id, i) not in done
+                                             for i in range(len(completions.get(p.task_id, []))))], sandbox)
     for p in problems:
         for i, completion in enumerate(completions.get(p.task_id, [])):
             if (p.task_id, i) in done:
@@ -244,14 +246,15 @@ def score(spec: Task, problems: list[Problem], completions: dict[str, list[str]]
                                 "program": shown_program(source, call),
                                 "call": {k: v for k, v in call.items() if k not in ("tests", "prelude")},
                                 "passed": result.passed, "verdict": verdict(result, call),
-                                "metrics": p.metrics(completion), "reason": result.reason,
+                                "metrics": {**p.metrics(completion), **p.result_metrics(result)},
+                                "reason": result.reason,
                                 "seconds": round(result.seconds, 3)}
     return rows
 
 
 def verdict(result, call: dict | None = None) -> str:
     """passed | failed (the tests ran and said no, or the candidate broke the rules) | timeout | runtime_error (the
-    candidate raised, crashed or hit a limit) | sandbox_error (the sandbox itself could not run it), read from the
+    candidate raised, crashed or hit a limit) | compile_error (a SyntaxError) | sandbox_error (the sandbox itself could not run it), read from the
     sandbox's status and reason."""
     own = getattr(result, "verdict", None)
     if own in VERDICTS:

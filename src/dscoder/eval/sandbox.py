@@ -14,6 +14,16 @@ What runs (``Sandbox.run(source, call)``):
   but do not define, and that is not a built-in (the entry point may be), is the candidate's top-level object of
   that name: a function is called through the pipe, a module is the checker's own import of that (standard-library)
   module, a plain value is copied.
+``"data": VALUE``, ``"collect": NAME`` (optional, with ``"tests"``)
+  ``VALUE`` (plain data) is the tests' ``DATA``; the tests may call ``time_limit(seconds)`` to give each later call
+  of a candidate function that long (verdict ``timeout`` past it); the value of ``NAME`` in the tests' scope when
+  they end (passed or not) comes back as ``RunResult.collected``.
+``call = {"stdio": [[INPUT, OUTPUT], ...], "test_timeout": S}`` (LiveCodeBench's stdin/stdout problems)
+  ``source`` is compiled once and run as a program once per test, in a fresh fork, with ``INPUT`` on its stdin; its
+  stdout comes back to the checker, which compares it with ``OUTPUT`` as LiveCodeBench's harness does (stripped
+  lines, equal as text or as decimals); the first failing test decides. ``"warm"``: standard-library modules to
+  import once before the tests.
+``"timeout_s": S`` (optional, any Python call): this run's wall clock instead of ``Limits.timeout_s``.
 ``call = None``
   run ``source`` to its end; it passes if it returns normally (no checks: the program judges itself).
 ``call = {"file": NAME, "command": LINE, "tools": {name: host path}}`` (MultiPL-E, any language)
@@ -116,7 +126,7 @@ class Limits:
     output_bytes: int = 64 * 1024
 
 
-VERDICTS = ("passed", "failed", "timeout", "runtime_error", "sandbox_error")
+VERDICTS = ("passed", "failed", "timeout", "runtime_error", "compile_error", "sandbox_error")
 
 
 @dataclass
@@ -131,6 +141,7 @@ class RunResult:
     # runtime_error (it raised, crashed or hit a limit) and sandbox_error (the sandbox could not run it); the
     # sandbox always sets it ("" only in a failed RunResult made elsewhere without one)
     verdict: str = ""
+    collected: object = None  # the value of the call's "collect" name in the tests' scope (plain data), if any
 
     def __post_init__(self):
         if not self.verdict and self.status in ("passed", "timeout"):
@@ -195,11 +206,22 @@ class Sandbox:
         if "command" in call:
             return self._command_job(nonce, program, call)
         if "tests" not in call:
-            raise DscoderError("sandbox: a Python run needs call = {'tests': ...} (and 'check', 'entry_point' for "
-                               "HumanEval style) or None")
+            if "stdio" not in call:
+                raise DscoderError("sandbox: a Python run needs call = {'tests': ...} (and 'check', 'entry_point' "
+                                   "for HumanEval style), {'stdio': [[input, output], ...]} or None")
         if call.get("check") and not call.get("entry_point"):
             raise DscoderError("sandbox: 'check' needs an 'entry_point'")
+        if "stdio" in call:
+            tests = [[str(i), str(o)] for i, o in call["stdio"]]
+            job = {"nonce": nonce, "program": program, "stdio": tests, "warm": [str(m) for m in call.get("warm", ())]}
+            if call.get("test_timeout"):
+                job["test_timeout"] = float(call["test_timeout"])
+            return job, []
         job = {"nonce": nonce, "program": program, "tests": str(call["tests"])}
+        if call.get("data") is not None:
+            job["data"] = call["data"]
+        if call.get("collect"):
+            job["collect"] = str(call["collect"])
         if call.get("entry_point"):
             job["entry_point"] = str(call["entry_point"])
         if call.get("check"):
@@ -222,10 +244,10 @@ class Sandbox:
             command = command.replace("{" + tool + "}", _quote(str(path)))
         return {"nonce": nonce, "program": program, "file": name, "command": command}, expose
 
-    def _config(self, slot: int, expose: list[str]) -> dict:
+    def _config(self, slot: int, expose: list[str], timeout: float) -> dict:
         lim = self.limits
         cfg = {"isolation": self.isolation, "memory": lim.memory_mb << 20,
-               "cpu": int(lim.timeout_s) + 2, "fsize": lim.file_mb << 20, "nofile": lim.open_files,
+               "cpu": int(timeout) + 2, "fsize": lim.file_mb << 20, "nofile": lim.open_files,
                "nproc": lim.max_processes, "uid": _UID_BASE + self._numbers[slot],
                "checker_uid": _CHECKER_UID_BASE + self._numbers[slot]}
         if self.isolation == "namespaces":
@@ -245,21 +267,24 @@ class Sandbox:
     def _run(self, program: str, call: dict | None, slot: int) -> RunResult:
         nonce = secrets.token_hex(16)
         job, expose = self._job(nonce, program, call)
+        timeout = float((call or {}).get("timeout_s") or self.limits.timeout_s)
         private = Path(tempfile.mkdtemp(prefix="dscoder-run-"))  # root-only: output files, process-mode scratch
         os.chmod(private, 0o700)
         out_path, err_path = private / "stdout", private / "stderr"
+        verdict_path = private / "verdict"  # a file, not a pipe: a collected value may be larger than a pipe holds
         oom_before = self._cgroups.oom_kills(slot) if self._cgroups else 0
         start = time.perf_counter()
         try:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 if self.isolation == "namespaces":
                     try:
-                        timed_out, returncode, verdict = self._launch(slot, self._config(slot, expose), _frame(job),
-                                                                      out, err)
+                        timed_out, returncode, verdict = self._launch(slot, self._config(slot, expose, timeout),
+                                                                      _frame(job), out, err, verdict_path, timeout)
                     except _LauncherGone:  # once more, with a new launcher
                         try:
-                            timed_out, returncode, verdict = self._launch(slot, self._config(slot, expose),
-                                                                          _frame(job), out, err)
+                            timed_out, returncode, verdict = self._launch(slot, self._config(slot, expose, timeout),
+                                                                          _frame(job), out, err, verdict_path,
+                                                                          timeout)
                         except _LauncherGone:
                             timed_out, returncode = False, None
                             verdict = ("error", "sandbox error: the slot's launcher died before it started the run")
@@ -267,20 +292,24 @@ class Sandbox:
                 else:
                     scratch = private / "scratch"
                     scratch.mkdir()
-                    timed_out, returncode, verdict = self._spawn(self._config(slot, expose), _frame(job), out, err,
-                                                                 str(scratch))
+                    timed_out, returncode, verdict = self._spawn(self._config(slot, expose, timeout), _frame(job), out,
+                                                                 err, str(scratch), verdict_path, timeout)
             seconds = time.perf_counter() - start
             stdout = _read_capped(out_path, self.limits.output_bytes)
             stderr = _read_capped(err_path, self.limits.output_bytes)
         finally:
             shutil.rmtree(private, ignore_errors=True)
         oom = self._cgroups is not None and self._cgroups.oom_kills(slot) > oom_before
+        collected = verdict[-1] if type(verdict) is tuple and len(verdict) in (3, 4) and verdict[0] in ("pass", "fail") \
+            and (verdict[0] == "pass") == (len(verdict) == 3) else None
+        if collected is not None:
+            verdict = verdict[:-1]
         if timed_out:
-            reason = f"timed out after {self.limits.timeout_s:g} s"
+            reason = f"timed out after {timeout:g} s"
             return RunResult("timeout", reason + (" (memory limit reached)" if oom else ""), None, stdout, stderr,
                              seconds)
         if verdict == ("pass", nonce):
-            return RunResult("passed", "", returncode, stdout, stderr, seconds)
+            return RunResult("passed", "", returncode, stdout, stderr, seconds, collected=collected)
         if oom:
             reason, kind = f"memory limit ({self.limits.memory_mb} MiB for the whole run)", "runtime_error"
         elif type(verdict) is tuple and len(verdict) == 3 and verdict[0] == "fail" and verdict[2] in VERDICTS:
@@ -289,11 +318,12 @@ class Sandbox:
             reason, kind = str(verdict[1]), "sandbox_error"
         else:  # killed (a limit) before the checker could say anything
             reason, kind = _reason(returncode, stderr), "runtime_error"
-        return RunResult("failed", reason, returncode, stdout, stderr, seconds, kind)
+        return RunResult("failed", reason, returncode, stdout, stderr, seconds, kind, collected)
 
-    def _spawn(self, cfg: dict, job: bytes, out, err, cwd: str) -> tuple[bool, int | None, object]:
+    def _spawn(self, cfg: dict, job: bytes, out, err, cwd: str, verdict_path: Path,
+               timeout: float) -> tuple[bool, int | None, object]:
         """process isolation: the driver as a child of this process, in a session of its own."""
-        verdict_r, verdict_w = os.pipe()
+        verdict_w = os.open(verdict_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             cfg["verdict_fd"] = verdict_w
             proc = subprocess.Popen([_python(), "-I", "-S", "-c", _DRIVER], stdin=subprocess.PIPE, stdout=out,
@@ -303,26 +333,26 @@ class Sandbox:
             verdict_w = -1
             timed_out = False
             try:
-                proc.communicate(_frame(cfg) + job, timeout=self.limits.timeout_s)
+                proc.communicate(_frame(cfg) + job, timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
             except BrokenPipeError:  # the driver died before reading its spec
-                proc.wait(timeout=self.limits.timeout_s)
+                proc.wait(timeout=timeout)
             finally:
                 _kill_group(proc)
-            return timed_out, proc.returncode, _read_verdict(verdict_r)
+            return timed_out, proc.returncode, _read_verdict(verdict_path)
         finally:
-            os.close(verdict_r)
             if verdict_w >= 0:
                 os.close(verdict_w)
 
-    def _launch(self, slot: int, cfg: dict, job: bytes, out, err) -> tuple[bool, int | None, object]:
+    def _launch(self, slot: int, cfg: dict, job: bytes, out, err, verdict_path: Path,
+                timeout: float) -> tuple[bool, int | None, object]:
         """namespaces: the slot's launcher forks the run; it reports the run's first process (its pid here) and,
         once that has ended, its exit code."""
         job_r, job_w = os.pipe()
-        verdict_r, verdict_w = os.pipe()
+        verdict_w = os.open(verdict_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         status_r, status_w = os.pipe()
-        mine = [job_w, verdict_r, status_r]
+        mine = [job_w, status_r]
         try:
             fds = [job_r, out.fileno(), err.fileno(), verdict_w, status_w]
             for attempt in (0, 1):
@@ -342,7 +372,7 @@ class Sandbox:
             poller = select.poll()
             poller.register(status_r, select.POLLIN)
             poller.register(job_w, select.POLLOUT)
-            deadline = time.monotonic() + self.limits.timeout_s
+            deadline = time.monotonic() + timeout
             lines, status, pid, timed_out = [], b"", None, False
             while True:
                 left = deadline - time.monotonic()
@@ -379,7 +409,7 @@ class Sandbox:
                 launcher.kill()
                 raise _LauncherGone
             returncode = int(lines[1]) if len(lines) > 1 else None
-            return timed_out, returncode, _read_verdict(verdict_r)
+            return timed_out, returncode, _read_verdict(verdict_path)
         finally:
             for fd in mine:
                 os.close(fd)
@@ -600,17 +630,12 @@ def _frame(value) -> bytes:
     return len(data).to_bytes(8, "little") + data
 
 
-def _read_verdict(fd: int):
-    os.set_blocking(fd, False)
-    data = b""
+def _read_verdict(path: Path):
     try:
-        while len(data) < 1 << 16:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            data += chunk
-    except BlockingIOError:
-        pass
+        with open(path, "rb") as f:
+            data = f.read(driver.MAX_FRAME + 8)
+    except OSError:
+        return None
     try:
         n = int.from_bytes(data[:8], "little")
         return driver.decode(data[8:8 + n]) if len(data) >= 8 + n else None

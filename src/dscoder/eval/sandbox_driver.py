@@ -5,6 +5,8 @@ Processes: a slot's ``launcher`` (namespaces: joins the slot's cgroups once, for
 the namespaces, forks the namespace's first process) → ``main`` (mounts, limits; forks the candidate process before
 it reads the tests or the nonce, then becomes the checker). In ``process`` isolation the harness starts ``main``
 directly. stdin: frame 1 = the setup (no secrets), frame 2 = the job (nonce, tests, program; read by the checker).
+The verdict goes to its own file descriptor: ``("pass", nonce[, collected])`` or ``("fail", reason, verdict[,
+collected])``, ``collected`` being the value of the job's ``collect`` name in the tests' scope (plain data).
 
 Plain data (``encode``/``decode``). Tags: N T F none/bools; i int (hex); f float (float.hex); c complex; s str and b
 bytes (length:data); l t S z d list/tuple/set/frozenset/dict (count:items). Frames: 8-byte little-endian length.
@@ -325,9 +327,86 @@ def kind(value):
         return ("o",)
 
 
+def run_stdio(code, text, cap):
+    """Run the compiled program once as a program: ``text`` on its stdin (a memfd), its stdout read back (at most
+    ``cap`` bytes) from a pipe, in a forked child, so every test starts from the same state. SystemExit ends the
+    program normally (LiveCodeBench's harness swallows it too); any other exception is the run's error."""
+    data = text.encode("utf-8", "surrogatepass")
+    fd_in = os.memfd_create("stdin")
+    _write_all(fd_in, data)
+    os.lseek(fd_in, 0, 0)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    flush()
+    pid = os.fork()
+    if pid == 0:
+        code_ = 0
+        try:
+            os.close(out_r)
+            os.close(err_r)
+            os.dup2(fd_in, 0)
+            os.dup2(out_w, 1)
+            sys.stdin = open(0, "r", encoding="utf-8", errors="surrogateescape", closefd=False)
+            sys.stdout = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
+            try:
+                exec(code, {"__name__": "__main__", "__builtins__": builtins})
+            except SystemExit:
+                pass
+            flush()
+        except BaseException as e:
+            flush()
+            try:
+                os.write(err_w, (type(e).__name__ + ": " + str(e)[:300]).encode("utf-8", "replace"))
+                import traceback
+                traceback.print_exc()
+            except BaseException:
+                pass
+            code_ = 1
+        os._exit(code_)
+    for fd in (fd_in, out_w, err_w):
+        os.close(fd)
+    chunks, size, truncated = [], 0, False
+    while True:
+        chunk = os.read(out_r, 1 << 16)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > cap:
+            truncated = True
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+            break
+        chunks.append(chunk)
+    error = b""
+    while True:
+        chunk = os.read(err_r, 4096) if not truncated else b""
+        if not chunk or len(error) > 1000:
+            break
+        error += chunk
+    os.close(out_r)
+    os.close(err_r)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    text = error.decode("utf-8", "replace")
+    if truncated:
+        text = "its output exceeded %d bytes" % cap
+    elif status < 0:
+        text = "killed by signal %d" % -status
+    elif status and not text:
+        text = "exit code %d" % status
+    return {"stdout": b"".join(chunks).decode("utf-8", "replace"), "error": text or None}
+
+
+def _write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def serve(rfd, wfd):
     """The candidate process: run the program, then answer calls until the checker is done."""
     ns = {"__name__": "__main__", "__builtins__": __builtins__}
+    program = None
     while True:
         try:
             msg = decode(read_frame(rfd))
@@ -339,10 +418,23 @@ def serve(rfd, wfd):
             with open(name, "w", encoding="utf-8") as f:
                 f.write(program)
             os.execv("/bin/sh", ["sh", "-c", command])
+        if op in ("exec", "compile"):
+            try:
+                program = compile(msg[1], "program.py", "exec")
+            except BaseException as e:
+                write_frame(wfd, encode(("compile", type(e).__name__ + ": " + str(e)[:300])))
+                continue
         try:
             if op == "exec":
-                exec(compile(msg[1], "program.py", "exec"), ns)
+                exec(program, ns)
                 reply = ("ok", None)
+            elif op == "compile":
+                for name in msg[2]:  # warm the modules the program imports, once for all its runs
+                    if name in MODULES:
+                        __import__(name)
+                reply = ("ok", None)
+            elif op == "stdio":
+                reply = ("ok", run_stdio(program, msg[1], msg[2]))
             elif op == "names":
                 reply = ("ok", {n: kind(ns[n]) for n in msg[1] if n in ns})
             else:
@@ -376,11 +468,22 @@ class CandidateError(Exception):
     """A candidate exception of a type that is not a built-in exception."""
 
 
+class CompileFailed(Exception):
+    """The program does not compile (a SyntaxError): the verdict is compile_error."""
+
+
 class Checker:
     """The checker's end of the pipe to the candidate process."""
 
     def __init__(self, pid, wfd, rfd):
         self.pid, self.wfd, self.rfd, self.violation = pid, wfd, rfd, None
+        self.kind = None  # the verdict of a violation: None (failed or runtime_error) or "timeout"
+        self.limit = None  # seconds a call may take (set by the tests through time_limit)
+        self.collected = None
+
+    def time_limit(self, seconds):
+        """The tests' own per-call time limit (None: only the run's wall clock)."""
+        self.limit = None if seconds is None else float(seconds)
 
     def ask(self, msg):
         try:
@@ -389,9 +492,14 @@ class Checker:
             self.fail_hard("a test passed " + str(e.args[0]) + " to the candidate; only plain values cross the sandbox")
         except OSError:
             self.died()
+        if self.limit is not None:
+            import select
+            if not select.select([self.rfd], [], [], self.limit)[0]:
+                self.kind = "timeout"
+                self.fail_hard("a test call ran past its time limit of %g s" % self.limit)
         try:
             reply = decode(read_frame(self.rfd))
-            if type(reply) is not tuple or not reply or reply[0] not in ("ok", "exc", "exit", "bad"):
+            if type(reply) is not tuple or not reply or reply[0] not in ("ok", "exc", "exit", "bad", "compile"):
                 raise ValueError("not a reply")
         except EOFError:
             self.died()
@@ -401,6 +509,8 @@ class Checker:
             self.fail_hard("the candidate sent a malformed reply (" + type(e).__name__ + ")")
         if reply[0] == "ok":
             return reply[1]
+        if reply[0] == "compile":
+            raise CompileFailed(str(reply[1]))
         if reply[0] == "exit":
             self.fail_hard("the program exited before its checks finished (SystemExit " + str(reply[1]) + ")")
         if reply[0] == "bad":
@@ -462,9 +572,67 @@ MODULES = frozenset(("math", "cmath", "re", "string", "itertools", "functools", 
 
 
 def broken(checker):
-    """(reason, verdict) for a run the candidate broke off or broke the rules of."""
+    """(reason, verdict) for a run the candidate broke off, ran out of time in, or broke the rules of."""
     reason = checker.violation
+    if checker.kind:
+        return reason, checker.kind
     return reason, "runtime_error" if "killed by signal" in reason else "failed"
+
+
+def stripped_lines(text):
+    """LiveCodeBench's view of an output: the whole text stripped, split at newlines, each line stripped
+    (lcb_runner/evaluation/testing_util.py, get_stripped_lines)."""
+    return [line.strip() for line in text.strip().split("\n")]
+
+
+def same_stdout(got, want):
+    """LiveCodeBench's stdin/stdout comparison (testing_util.py, grade_stdio): the same number of stripped lines, and
+    each pair equal as text or, failing that, as lists of Decimals of their whitespace-separated fields."""
+    from decimal import Decimal
+    a, b = stripped_lines(got), stripped_lines(want)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        try:
+            if [Decimal(v) for v in x.split()] != [Decimal(v) for v in y.split()]:
+                return False
+        except Exception:
+            return False
+    return True
+
+
+def shorten(text, n=120):
+    text = str(text)
+    return text if len(text) <= n else text[:n // 2] + "..." + text[-n // 2:]
+
+
+def check_stdio(job, checker):
+    """stdin/stdout mode: compile the program once, then run it per test with the test's input on stdin, comparing
+    its stdout as LiveCodeBench does; the first failing test decides (as there)."""
+    try:
+        checker.ask(("compile", job["program"], tuple(job.get("warm") or ())))
+    except CompileFailed as e:
+        return "the program does not compile: " + str(e), "compile_error"
+    except Violation:
+        return broken(checker)
+    cap = int(job.get("stdout_cap") or 1 << 24)
+    for i, (given, want) in enumerate(job["stdio"]):
+        checker.time_limit(job.get("test_timeout"))
+        try:
+            got = checker.ask(("stdio", given, cap))
+        except Violation:
+            reason, kind = broken(checker)
+            return "test %d: %s" % (i, reason), kind
+        if type(got) is not dict or type(got.get("stdout")) is not str:
+            return "the candidate sent a malformed reply", "failed"
+        if got.get("error"):
+            return "test %d: the program raised %s" % (i, shorten(got["error"], 300)), "runtime_error"
+        if not same_stdout(got["stdout"], want):
+            return ("test %d: wrong answer: printed %r, expected %r"
+                    % (i, shorten(got["stdout"].strip()), shorten(want.strip()))), "failed"
+    return None
 
 
 def check(job, checker):
@@ -477,9 +645,13 @@ def check(job, checker):
             return ("the command exited with code %d" % code if code > 0
                     else "the command was killed by signal %d" % -code), "failed"
         return None
+    if job.get("stdio") is not None:
+        return check_stdio(job, checker)
     tests = job.get("tests")
     try:
         checker.ask(("exec", job["program"]))
+    except CompileFailed as e:
+        return "the program does not compile: " + str(e), "compile_error"
     except Violation:
         return broken(checker)
     except BaseException as e:
@@ -495,9 +667,12 @@ def check(job, checker):
         entry = job.get("entry_point")
         if entry:
             wanted.add(entry)
-        # a built-in name stays the checker's own (a candidate cannot redefine len), except the entry point's
-        wanted = tuple(sorted(n for n in wanted if n == entry or not hasattr(builtins, n)))
+        # a built-in name stays the checker's own (a candidate cannot redefine len), except the entry point's; the
+        # checker's own names (the job's DATA, time_limit) are never the candidate's
+        own = {"DATA": job.get("data"), "time_limit": checker.time_limit}
+        wanted = tuple(sorted(n for n in wanted if n == entry or (not hasattr(builtins, n) and n not in own)))
         scope = {"__name__": "__main__", "__builtins__": builtins}
+        checker.scope = scope
         if job.get("prelude"):  # the task's own code (HumanEval's prompt): its helpers are the checker's, so a
             # candidate that redefines encode_cyclic or poly cannot change what the tests compare against
             try:
@@ -522,6 +697,7 @@ def check(job, checker):
                 scope[name] = sys.modules[info[1]]
         if entry and entry not in scope:
             return "the program does not define " + entry, "failed"
+        scope.update(own)
         exec(code, scope)
         if job.get("check"):
             scope[job["check"]](scope[entry])
@@ -580,11 +756,20 @@ def main(cfg):
         ready = decode(read_frame(parent_r))
     except BaseException as e:
         ready = ("setup", "sandbox setup failed: " + type(e).__name__)
+    collected = ()
     if ready != ("ready",):
         failure = str(ready[1]), "sandbox_error"
     else:
-        failure = check(job, Checker(pid, parent_w, parent_r))
-    write_frame(verdict, encode(("pass", job["nonce"]) if failure is None else ("fail", *failure)))
+        checker = Checker(pid, parent_w, parent_r)
+        failure = check(job, checker)
+        if job.get("collect") and getattr(checker, "scope", None) is not None:
+            try:
+                encode(checker.scope.get(job["collect"]))
+                collected = (checker.scope.get(job["collect"]),)
+            except BaseException:
+                collected = ()
+    verdict_msg = ("pass", job["nonce"]) if failure is None else ("fail", *failure)
+    write_frame(verdict, encode(verdict_msg + collected))
     if cfg["isolation"] != "namespaces":
         try:
             os.kill(pid, 9)
