@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from dscoder.errors import DscoderError
-from dscoder.eval.base import (LoadContext, Option, Problem, Task, cut_at_stops, pass_at_k,  # noqa: F401
+from dscoder.eval.base import (STYLE, LoadContext, Option, Problem, Task, cut_at_stops, pass_at_k,  # noqa: F401
                                read_records)
+from dscoder.eval.evalplus import HumanEvalPlusTask, MBPPPlusTask
+from dscoder.eval.livecodebench import LiveCodeBenchTask
+from dscoder.eval.math import MATHTask
 from dscoder.eval.multipl_e import MultiPLETask
 from dscoder.eval.niah import NIAHTask
 
@@ -256,8 +259,6 @@ def _instruct_body(completion: str, entry_point: str) -> str:
 
 
 # ----- the registry ---------------------------------------------------------------------------------------------------
-STYLE = Option("style", "--style", "prompt style: base = few-shot completion, instruct = chat", default="base",
-               choices=("base", "instruct"))
 
 
 class HumanEvalTask(Task):
@@ -303,7 +304,8 @@ class GSM8KTask(Task):
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (HumanEvalTask(), MBPPTask(), FIMTask(), MultiPLETask(), GSM8KTask(),
-                                              NIAHTask())}
+                                              NIAHTask(), LiveCodeBenchTask(), HumanEvalPlusTask(), MBPPPlusTask(),
+                                              MATHTask())}
 
 
 def get_task(name: str) -> Task:
