@@ -55,4 +55,6 @@ def _load(source, dtype, device, seed) -> DeepseekV2:
 def save_model(model: DeepseekV2, directory: str | Path, dtype: torch.dtype | str | None = None,
                max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Write ``model`` as an HF checkpoint directory (hub key layout, sharded safetensors)."""
+    if getattr(model, "quantization", None):
+        raise DscoderError("this model is quantized: save the float model and run `dscoder quantize` on it")
     return save_checkpoint(model, directory, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -71,6 +71,10 @@ def load_checkpoint(directory: str | Path, dtype: torch.dtype | str | None = Non
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
+    from dscoder.quant.checkpoint import is_quantized, load_quantized
+
+    if is_quantized(directory):  # written by `dscoder quantize`: integer weights, memory-mapped
+        return load_quantized(directory, dtype=parse_dtype(dtype), device=device)
     config = ModelConfig.from_json_file(directory / "config.json")
     dtype = parse_dtype(dtype)
     files = _weight_files(directory)
