@@ -22,6 +22,7 @@ _METADATA_KEYS = {
     "_experts_implementation", "return_dict", "output_hidden_states", "output_attentions", "use_return_dict",
     "generation_config", "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder",
     "problem_type", "id2label", "label2id", "sep_token_id", "decoder_start_token_id", "max_length",
+    "quantization_config",  # a quantized checkpoint's scheme: read by dscoder.quant when loading its weights
 }
 _ROPE_SCALING_KEYS = {
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
