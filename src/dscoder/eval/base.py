@@ -6,6 +6,7 @@ adds its own scores, and the :class:`Option` settings a task takes (each a keywo
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,6 +168,25 @@ def scores(rows: dict[tuple[str, int], dict], ks: tuple[int, ...]) -> dict[str, 
         out[name] = sum(sum(v) / len(v) for v in values.values()) / len(values)
     out["not_passed"] = dict(failures)
     return out
+
+
+# DeepSeek-Coder-V2 paper, footnote 4 (instruct HumanEval)
+HUMANEVAL_INSTRUCT = ("Please complete the python function below. The final complete version of your function must "
+                      "be returned within a code block. Here is the unfinished function:\n ```python\n{prompt}\n\n")
+
+
+def strip_code_block(text: str) -> str:
+    m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", text, re.S)
+    return m.group(1) if m else text
+
+
+def instruct_body(completion: str, entry_point: str) -> str:
+    """The first fenced code block of an instruct answer that defines the entry point (else the first block)."""
+    blocks = re.findall(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.S)
+    for b in blocks:
+        if f"def {entry_point}" in b:
+            return b
+    return blocks[0] if blocks else completion
 
 
 def cut_at_stops(text: str, stops: list[str]) -> str:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from dscoder.errors import DscoderError
-from dscoder.eval.base import PROBLEMS, STYLE, LoadContext, Option, Problem, Task, pass_at_k
+from dscoder.eval.base import (HUMANEVAL_INSTRUCT, PROBLEMS, STYLE, LoadContext, Option, Problem, Task, instruct_body,
+                               pass_at_k, strip_code_block)
 
 MIN_TIME_LIMIT = 4.0  # evalplus/config.py
 TIME_LIMIT_FACTOR = 4.0
@@ -143,13 +144,11 @@ class EvalPlusProblem(Problem):
     ``expected`` {base, plus: [(output, time limit)]}."""
 
     def candidate_source(self, completion: str) -> str:
-        from dscoder.eval.tasks import _instruct_body, _strip_code_block
-
         entry = self.data["entry_point"]
         if self.chat:
-            return _instruct_body(completion, entry) + "\n"
+            return instruct_body(completion, entry) + "\n"
         if self.data["dataset"] == "mbpp":
-            return self.data["prompt"] + _strip_code_block(completion) + "\n"
+            return self.data["prompt"] + strip_code_block(completion) + "\n"
         return self.data["prompt"] + completion + "\n"
 
     def program(self, completion: str) -> tuple[str, dict]:
@@ -186,7 +185,6 @@ def _inputs(value, where: str, field: str) -> list:
 
 def load_problems(paths: list[Path], dataset: str, style: str) -> list[EvalPlusProblem]:
     from dscoder.eval.fetch import read_rows
-    from dscoder.eval.tasks import HUMANEVAL_INSTRUCT
 
     out = []
     for path in paths:

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from dscoder.errors import DscoderError
+from dscoder.eval.base import HUMANEVAL_INSTRUCT  # noqa: F401
+from dscoder.eval.base import instruct_body as _instruct_body
+from dscoder.eval.base import strip_code_block as _strip_code_block
 from dscoder.eval.base import (STYLE, LoadContext, Option, Problem, Task, cut_at_stops, pass_at_k,  # noqa: F401
                                read_records)
 from dscoder.eval.evalplus import HumanEvalPlusTask, MBPPPlusTask
@@ -25,9 +28,6 @@ from dscoder.eval.math import MATHTask
 from dscoder.eval.multipl_e import MultiPLETask
 from dscoder.eval.niah import NIAHTask
 
-# DeepSeek-Coder-V2 paper, footnote 4 (instruct HumanEval)
-HUMANEVAL_INSTRUCT = ("Please complete the python function below. The final complete version of your function must "
-                      "be returned within a code block. Here is the unfinished function:\n ```python\n{prompt}\n\n")
 # Austin et al. / DeepSeek-Coder's MBPP harness: 3-shot with task_ids 2, 3, 4; the query ends with [BEGIN]
 MBPP_TEMPLATE = ("You are an expert Python programmer, and here is your task: {text} Your code should pass these "
                  "tests:\n\n{tests}\n[BEGIN]\n")
@@ -242,20 +242,6 @@ def gsm8k(path: str | Path | None, style: str = "base") -> list[Problem]:
     if not out:
         raise DscoderError(f"{path}: no GSM8K records")
     return out
-
-
-def _strip_code_block(text: str) -> str:
-    m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", text, re.S)
-    return m.group(1) if m else text
-
-
-def _instruct_body(completion: str, entry_point: str) -> str:
-    """The first fenced code block of an instruct answer that defines the entry point (else the first block)."""
-    blocks = re.findall(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, re.S)
-    for b in blocks:
-        if f"def {entry_point}" in b:
-            return b
-    return blocks[0] if blocks else completion
 
 
 # ----- the registry ---------------------------------------------------------------------------------------------------
