@@ -136,6 +136,26 @@ def _print_build_summary(m: dict, out: str) -> None:
     print(f"\nwrote {out}/manifest.json, {out}/data_stats.png, {out}/tokens/, {out}/rejected/")
 
 
+def data_recall(args: argparse.Namespace) -> int:
+    from dscoder.data.recall import RecallConfig, recall
+
+    config = RecallConfig(iterations=args.iterations, threshold=args.threshold, negatives=args.negatives,
+                          domain_share=args.domain_share, min_domain_pages=args.min_domain_pages, seed=args.random_seed,
+                          dim=args.dim, lr=args.lr, word_ngrams=args.word_ngrams, min_count=args.min_count,
+                          epoch=args.epoch)
+    m = recall(args.seed, args.pool, args.out, config, classifier=args.classifier)
+    for it in m["iterations"]:
+        p = it["heldout_precision"]
+        print(f"iteration {it['iteration']}: {it['seed_positives'] + it['domain_positives']:,} positives "
+              f"({it['domain_positives']:,} from high-yield domains), {it['negatives']:,} negatives; held-out "
+              f"precision {'n/a' if p is None else f'{p:.3f}'}, recall {it['heldout_recall']:.3f}; "
+              f"kept {it['kept']:,} of {it['pool_documents']:,}; new domains: "
+              f"{', '.join(it['new_high_yield_domains'][:8]) or 'none'}")
+    print(f"kept {m['kept']:,} of {m['pool_documents']:,} pages; wrote {args.out}/kept/, {args.out}/manifest.json"
+          + ("" if args.classifier else f", {args.out}/classifier.bin"))
+    return 0
+
+
 def data_languages(args: argparse.Namespace) -> int:
     from dscoder.data.langid import coverage
 
@@ -173,6 +193,8 @@ def train_pretrain(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0 and last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, balance loss {last['aux_loss']:.4f}, "
               f"{last['tokens_per_s']:.0f} tokens/s, MFU {last['mfu']:.1%}")
+        if last.get("data_shares"):
+            print("token shares received: " + ", ".join(f"{k} {v:.1%}" for k, v in last["data_shares"].items()))
         print(f"wrote {args.out}/metrics.jsonl, {args.out}/loss.png, {args.out}/checkpoints/")
     return 0
 
@@ -265,6 +287,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--slurm-partition", default="cpu")
     b.add_argument("--slurm-time", default="4:00:00")
     b.set_defaults(func=data_build)
+    r = data_sub.add_parser(
+        "recall", help="recall a topic's pages (math) from a web pool with an iterated fastText classifier",
+        description="DeepSeekMath's recall: train a fastText classifier on seed pages (positives) against random "
+                    "pool pages (negatives), score the pool, keep the pages scored >= --threshold, and per iteration "
+                    "add the pages of high-yield domains (those with more than --domain-share of their pages kept) "
+                    "as positives. Writes OUT/kept/*.jsonl.gz (each record keeps the input's id), OUT/manifest.json "
+                    "(counts, held-out precision and recall per iteration) and OUT/classifier.bin.")
+    r.add_argument("--seed", nargs="+", default=[], metavar="FILE",
+                   help="positive pages: .jsonl(.gz), .parquet, .warc(.gz) files or data build folders")
+    r.add_argument("--pool", nargs="+", required=True, metavar="SOURCE",
+                   help="pages to score, same formats (with a 'url' field for the domain step); a --kind text "
+                        "build or jsonl is fastest, WARC pages are extracted on every pass")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--iterations", type=int, default=1, help="recall rounds (DeepSeekMath ran 4; default 1)")
+    r.add_argument("--classifier", help="a classifier.bin from an earlier recall: only score the pool with it")
+    r.add_argument("--threshold", type=float, default=0.5, help="keep pages with a positive probability >= this")
+    r.add_argument("--negatives", type=float, default=1.0, help="random pool pages per positive (1.0)")
+    r.add_argument("--domain-share", type=float, default=0.1,
+                   help="a domain with more than this share of its pages kept is high-yield (0.1, DeepSeekMath's)")
+    r.add_argument("--min-domain-pages", type=int, default=3, help="pages a domain needs to count (3)")
+    r.add_argument("--random-seed", type=int, default=0, help="sampling and fastText seed (0)")
+    r.add_argument("--dim", type=int, default=256, help="fastText vector size (256)")
+    r.add_argument("--lr", type=float, default=0.1, help="fastText learning rate (0.1)")
+    r.add_argument("--word-ngrams", type=int, default=3, help="fastText word n-gram length (3)")
+    r.add_argument("--min-count", type=int, default=3, help="fastText minimum word count (3)")
+    r.add_argument("--epoch", type=int, default=3, help="fastText epochs (3)")
+    r.set_defaults(func=data_recall)
     langs = data_sub.add_parser("languages", help="how the language detector covers the paper's 338 languages",
                                 description="Compare go-enry's (Linguist's) languages with a list of names, "
                                             "one per line (DeepSeek-Coder-V2's supported languages).")

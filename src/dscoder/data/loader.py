@@ -2,9 +2,13 @@
 
 The stream a rank sees, and why it is reproducible:
 
-- **Mixture.** Document k of a rank's stream comes from source s with probability ``weight_s`` (weights are
-  normalised). The draw for document k is a pure function of ``(seed, rank, k)``, so the position in the mixture is
-  one counter.
+- **Mixture.** Weights are shares of *tokens* (normalised), as the paper's 60% code / 10% math / 30% text are:
+  the next document comes from the source furthest behind its share, the one with the least
+  ``tokens taken / weight`` (ties: the first listed). So after T tokens each source has had ``weight_s * T`` tokens to
+  within one of its documents, whatever its documents' lengths, and the choice is a pure function of the counts,
+  which the state holds (a few integers). Which document of the source comes next is random (the permutations
+  below). :attr:`PackedLoader.label_tokens` counts the tokens each source has given as labels (what training
+  learned from): :meth:`PackedLoader.token_shares` is what a run logs.
 - **Order.** Each source's documents are visited in a random permutation per epoch, a pure function of
   ``(seed, source, epoch)`` and therefore the same on every rank; rank r takes permutation positions
   ``r, r + world_size, ...``, so ranks read disjoint documents of an epoch and together read all of it. A source that
@@ -44,10 +48,9 @@ from dscoder.errors import DscoderError
 if TYPE_CHECKING:
     from dscoder.tokenizer import Tokenizer
 
-# Tags keep the three seeded streams apart: SeedSequence([seed, tag, ...]).
-_PERMUTATION, _MIXTURE, _FIM = 0, 1, 2
-_MIXTURE_BLOCK = 4096  # mixture draws are made this many at a time
-_STATE_VERSION = 1
+# Tags keep the seeded streams apart: SeedSequence([seed, tag, ...]).
+_PERMUTATION, _FIM = 0, 2  # (1 was a random mixture's)
+_STATE_VERSION = 2  # 1: a random per-document mixture (read for a single source, where it is the same stream)
 
 
 class _Source:
@@ -85,7 +88,7 @@ class PackedLoader:
 
     Args:
         sources: a build directory, or a list of ``(build_directory, weight)`` for a mixture (weights > 0, normalised;
-            the paper's mixture is 60% code, 10% math, 30% natural language). A third element ``min_tokens`` keeps
+            the paper's mixture is 60% code, 10% math, 30% natural language, in tokens). A third element ``min_tokens`` keeps
             only that build's documents of at least that many tokens: listing a build twice, once whole and once
             with ``min_tokens``, upsamples its long documents (long-context extension).
         tokenizer: the ``Tokenizer`` the builds were made with (EOS, and decode/encode for FIM).
@@ -122,13 +125,11 @@ class PackedLoader:
             self.sources.append(_Source(i, path, dataset, seed, rank, world_size))
         total = math.fsum(weights)
         self.weights = [w / total for w in weights]
-        self._cumulative = np.cumsum(self.weights)
-        self._cumulative[-1] = 1.0  # draws are < 1, so the last source catches any rounding
         self._eos = np.asarray([tokenizer.eos_id], dtype=TOKEN_DTYPE)
 
-        self._docs_drawn = 0  # mixture counter: documents taken so far by this rank
-        self._mixture_block = -1
-        self._mixture_choices: list[int] = []
+        self._docs_drawn = 0  # documents taken so far by this rank
+        self.taken_tokens = [0] * len(self.sources)  # tokens of the documents taken from each source (the mixture)
+        self.label_tokens = [0] * len(self.sources)  # tokens each source gave as labels of the batches so far
         self._doc = np.zeros(0, dtype=TOKEN_DTYPE)  # the partly consumed document's tokens (after FIM, with EOS)
         self._doc_ref: tuple[int, int, int] | None = None  # its (source, epoch, document index)
         self._doc_pos = 0  # next stream token = self._doc[self._doc_pos]
@@ -141,14 +142,15 @@ class PackedLoader:
         return self.sources[source].order(epoch)
 
     def _pick_source(self) -> int:
+        """The source furthest behind its token share (the first listed on a tie)."""
         if len(self.sources) == 1:
             return 0
-        block, offset = divmod(self._docs_drawn, _MIXTURE_BLOCK)
-        if block != self._mixture_block:
-            u = np.random.default_rng([self.seed, _MIXTURE, self.rank, block]).random(_MIXTURE_BLOCK)
-            self._mixture_choices = np.searchsorted(self._cumulative, u, side="right").tolist()
-            self._mixture_block = block
-        return self._mixture_choices[offset]
+        return min(range(len(self.sources)), key=lambda s: (self.taken_tokens[s] / self.weights[s], s))
+
+    def token_shares(self) -> list[float]:
+        """Each source's share of the label tokens so far (zeros before the first batch)."""
+        total = sum(self.label_tokens)
+        return [n / total if total else 0.0 for n in self.label_tokens]
 
     def _document(self, source: int, epoch: int, index: int) -> np.ndarray:
         """Tokens of one document as they enter the stream: FIM (maybe) and EOS."""
@@ -168,7 +170,9 @@ class PackedLoader:
         self._docs_drawn += 1
         epoch, index = self.sources[source].take()
         self._doc_ref = (source, epoch, index)
-        return self._document(source, epoch, index)
+        doc = self._document(source, epoch, index)
+        self.taken_tokens[source] += len(doc)
+        return doc
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -179,12 +183,18 @@ class PackedLoader:
         pieces: list[np.ndarray] = []
         have = 0
         doc, pos = self._doc, self._doc_pos
+        labels = self.label_tokens
+        first = True  # the batch's first token is an input only (the previous batch's last label, or the start)
         while have + (len(doc) - pos) < need:
             pieces.append(doc[pos:])
+            if len(doc) > pos:
+                labels[self._doc_ref[0]] += len(doc) - pos - first
+                first = False
             have += len(doc) - pos
             doc, pos = self._next_document(), 0
         take = need - have
         pieces.append(doc[pos: pos + take])
+        labels[self._doc_ref[0]] += take - first
         # The batch's last token is peeked, not consumed: it is the first input of the next batch.
         self._doc, self._doc_pos = doc, pos + take - 1
         self.rows += B
@@ -209,6 +219,7 @@ class PackedLoader:
             "sources": [{"documents": len(s.dataset), "epoch": s.epoch, "position": s.position}
                         for s in self.sources],
             "documents_drawn": self._docs_drawn,
+            "taken_tokens": list(self.taken_tokens), "label_tokens": list(self.label_tokens),
             "current": current,
             "rows": self.rows,
         }
@@ -219,7 +230,7 @@ class PackedLoader:
         ``seq_len``, ``batch_size`` and the mixture weights may differ: the token stream continues where it was.
         """
         try:
-            if state["version"] != _STATE_VERSION:
+            if state["version"] not in (1, _STATE_VERSION):
                 raise DscoderError(f"loader state: version {state['version']}, expected {_STATE_VERSION}")
             for key in ("seed", "rank", "world_size", "fim_rate", "spm_rate"):
                 if state[key] != getattr(self, key):
@@ -238,6 +249,14 @@ class PackedLoader:
                 current = (current["source"], current["epoch"], current["document"], current["offset"])
             docs_drawn, rows = state["documents_drawn"], state["rows"]
             cursors = [(entry["epoch"], entry["position"]) for entry in saved]
+            if state["version"] == 1 and len(saved) > 1:
+                raise DscoderError("loader state: saved by an older dscoder whose mixture drew documents at random; "
+                                   "a mixture now follows token shares: restart the run (or resume it with that "
+                                   "version)")
+            zeros = [0] * len(saved)
+            taken, labels = list(state.get("taken_tokens", zeros)), list(state.get("label_tokens", zeros))
+            if len(taken) != len(saved) or len(labels) != len(saved):
+                raise DscoderError("loader state: malformed, taken_tokens/label_tokens do not match the sources")
         except (KeyError, TypeError) as e:
             raise DscoderError(f"loader state: malformed, missing or wrong-typed entry {e}") from None
 
@@ -251,6 +270,7 @@ class PackedLoader:
         for s, (epoch, position) in zip(self.sources, cursors):
             s.epoch, s.position = epoch, position
         self._docs_drawn, self.rows = docs_drawn, rows
+        self.taken_tokens, self.label_tokens = taken, labels
         self._doc, self._doc_ref, self._doc_pos = doc, doc_ref, doc_pos
 
 

@@ -40,7 +40,8 @@ class ModelSection:
 @dataclass
 class DataSection:
     path: str | None = None
-    # a mixture: [{path, weight, min_tokens}]; min_tokens keeps only long documents (upsampling them)
+    # a mixture: [{path, weight, name, min_tokens}]; weights are token shares (the run logs the share each source
+    # got under its name, default the folder's name); min_tokens keeps only long documents (upsampling them)
     sources: list[dict[str, Any]] = field(default_factory=list)
     seq_len: int = 256
     fim_rate: float = 0.5
@@ -140,8 +141,9 @@ class TrainConfig:
         need(d.shard in ("documents", "rows"), "data.shard", "expected 'documents' or 'rows'")
         need(bool(d.path) != bool(d.sources), "data.path", "give data.path or data.sources (a mixture), not both")
         for i, s in enumerate(d.sources):
-            need(isinstance(s, dict) and set(s) <= {"path", "weight", "min_tokens"} and "path" in s,
-                 f"data.sources[{i}]", "expected {path = ..., weight = ..., min_tokens = ...}")
+            need(isinstance(s, dict) and set(s) <= {"path", "weight", "name", "min_tokens"} and "path" in s,
+                 f"data.sources[{i}]", "expected {path = ..., weight = ..., name = ..., min_tokens = ...}")
+            need(isinstance(s.get("name", ""), str), f"data.sources[{i}].name", "expected a string")
         need(self.parallel.strategy in ("none", "ddp", "fsdp"), "parallel.strategy", "expected none, ddp or fsdp")
         ep = self.parallel.ep
         need(isinstance(ep, int) and ep >= 1, "parallel.ep", "expected a positive integer")

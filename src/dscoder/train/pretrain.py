@@ -109,7 +109,28 @@ def data_sources(config: TrainConfig) -> list[tuple[str, float, int]]:
         p = Path(path)
         if not (p / "tokens").is_dir() or not (p / "tokenizer").is_dir():
             raise DscoderError(f"{path}: not a `dscoder data build` output (needs tokens/ and tokenizer/)")
+    vocab = [_tokenizer_file(Path(path)) for path, *_ in sources]
+    for (path, *_), v in zip(sources[1:], vocab[1:]):
+        if v != vocab[0]:  # the ids of one build would mean other strings to the model
+            raise DscoderError(f"{path}: made with another tokenizer than {sources[0][0]}; build every source of a "
+                               "mixture with the same one (dscoder data build --tokenizer DIR)")
     return sources
+
+
+def _tokenizer_file(build: Path) -> bytes | None:
+    try:
+        return (build / "tokenizer" / "tokenizer.json").read_bytes()
+    except OSError:
+        return None
+
+
+def source_names(config: TrainConfig) -> list[str]:
+    """The names a run logs each data source's token share under: ``name``, else the build folder's name (made
+    unique by its position when two sources share one)."""
+    if config.data.path:
+        return [Path(config.data.path).name or "data"]
+    names = [s.get("name") or Path(s["path"]).name or f"source{i}" for i, s in enumerate(config.data.sources)]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
 def make_loader(config: TrainConfig, stage: Stage, tokenizer, d: Dist):
@@ -224,6 +245,7 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     loader = make_loader(config, stage, tokenizer, d)
     if loader_state is not None:
         loader.load_state_dict(loader_state)
+    names = source_names(config)
     peak, peak_name = _peak_flops(d.device)
     flops_per_token = unwrap(model).flops_per_token(stage.seq_len)
     last: dict[str, Any] = {}
@@ -267,6 +289,8 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
             last = {"step": step, "loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr,
                     "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak, "seq_len": stage.seq_len,
                     "expert_load_max": _expert_load(output.expert_counts)}
+            if len(names) > 1:  # the mixture as received: each source's share of the label tokens so far (this rank's)
+                last["data_shares"] = {n: round(v, 6) for n, v in zip(names, loader.token_shares())}
             bar.update(loss=lm_loss, tok_s=round(tok_s))
             run.end_step(step, stop, t, last, model, optimizer, extra={"loader": loader.state_dict()},
                          meta={"peak_flops": peak_name})
