@@ -202,7 +202,7 @@ def train_pretrain(args: argparse.Namespace) -> int:
 def export_checkpoint(args: argparse.Namespace) -> int:
     from dscoder.train.export import export
 
-    out = export(args.source, args.out, dtype=args.dtype)
+    out = export(args.source, args.out, dtype=args.dtype, merge_lora=args.merge_lora)
     print(f"wrote an HF checkpoint to {out}")
     return 0
 
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a new or empty directory, or an earlier export to replace (not a file, the run itself, "
                          "inside its checkpoints/, another run, or a folder holding other files)")
     ex.add_argument("--dtype", choices=["float32", "bfloat16"], help="stored dtype (default: float32)")
+    ex.add_argument("--merge-lora", action="store_true",
+                    help="a LoRA run: fold the adapter into the base weights and write the merged model (the "
+                         "adapter alone is in RUN/adapter, in PEFT's format)")
     ex.set_defaults(func=export_checkpoint)
 
     from dscoder.eval.cli import register as register_eval

@@ -35,10 +35,14 @@ class AlignConfig:
     train: AlignTrainSection
     method: Any
     name: str = "sft"
+    lora: Any = None  # sft's [lora] table (dscoder.align.lora.LoRASection), None for the other methods
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(tokenizer=self.tokenizer), "data": asdict(self.data),
-                "train": asdict(self.train), self.name: asdict(self.method)}
+        out = {"model": self.model.to_dict(tokenizer=self.tokenizer), "data": asdict(self.data),
+               "train": asdict(self.train), self.name: asdict(self.method)}
+        if self.lora is not None:
+            out["lora"] = self.lora.to_dict()
+        return out
 
 
 def load_recipe(path: str | Path | None, overrides: list[str], name: str, data_cls, method_cls,
@@ -46,10 +50,11 @@ def load_recipe(path: str | Path | None, overrides: list[str], name: str, data_c
     """Read a TOML recipe (tables model, data, train and ``name``) with dotted ``key=value`` overrides."""
     source = str(path) if path else "config"
     raw = read_recipe(path, overrides)
-    unknown = set(raw) - {"model", "data", "train", name}
+    tables = {"model", "data", "train", name} | ({"lora"} if name == "sft" else set())
+    unknown = set(raw) - tables
     if unknown:
-        raise ConfigError(f"{source}: unknown config table '{sorted(unknown)[0]}' (a {name} recipe has model, data, "
-                          f"train, {name})")
+        raise ConfigError(f"{source}: unknown config table '{sorted(unknown)[0]}' (a {name} recipe has "
+                          f"{', '.join(sorted(tables))})")
     model = model_section(raw.get("model", {}), source, extra=("tokenizer",))
     tokenizer = raw.get("model", {}).get("tokenizer")
     train = parse_section(AlignTrainSection, {**(train_defaults or {}), **raw.get("train", {})}, "train", source)
@@ -59,9 +64,14 @@ def load_recipe(path: str | Path | None, overrides: list[str], name: str, data_c
         if getattr(train, key):
             raise ConfigError(f"{source}: train.{key} = true: not supported by the alignment recipes yet (sft, "
                               f"reward, grpo); set it to false")
+    lora = None
+    if name == "sft":
+        from dscoder.align.lora import lora_section
+
+        lora = lora_section(raw.get("lora", {}), source)
     return AlignConfig(model=model, tokenizer=tokenizer,
                        data=parse_section(data_cls, raw.get("data", {}), "data", source), train=train,
-                       method=parse_section(method_cls, raw.get(name, {}), name, source), name=name)
+                       method=parse_section(method_cls, raw.get(name, {}), name, source), name=name, lora=lora)
 
 
 def load_tokenizer(config: AlignConfig, required: bool = True):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dscoder.align.recipe import AlignConfig, build_policy, load_tokenizer, open_run, policy_config
-from dscoder.errors import ConfigError, DscoderError
+from dscoder.errors import CheckpointError, ConfigError, DscoderError
 from dscoder.io import read_jsonl
 from dscoder.train.optim import lr_factor, optimizer_for
 from dscoder.train.run import autocast, check_context, optimizer_step
@@ -213,9 +213,23 @@ def sft(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: i
     eval_rows = chat_rows(d.eval_path, tokenizer, d.seq_len, d.packing)[0] if d.eval_path else None
     run = open_run(config, out, resume, tokenizer)
     model = build_policy(config, tokenizer, mcfg=mcfg)
+    lora = config.lora if config.lora is not None and config.lora.enabled else None
+    meta = {}
+    if lora is not None:  # the base frozen, adapters on the targets (dscoder.align.lora)
+        from dscoder.align.lora import apply_lora
+
+        apply_lora(model, lora)
+        meta = {"lora": lora.to_dict()}
     optimizer = optimizer_for(model, t)
     loader = RowLoader(rows, t.micro_batch, t.seed)
-    extra = run.restore(model, optimizer, resume)
+
+    def expected(saved: dict) -> dict:  # a checkpoint resumes only under the same [lora] table
+        if saved.get("lora") != meta.get("lora"):
+            raise CheckpointError(f"{out}: its checkpoints were saved with lora = {saved.get('lora')}, the recipe "
+                                  f"has {meta.get('lora')}; start a new --out")
+        return model.config.to_hf_dict()
+
+    extra = run.restore(model, optimizer, resume, expected)
     step = extra["step"] if extra else 0
     if extra:
         loader.load_state_dict(extra["loader"])
@@ -247,7 +261,16 @@ def sft(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: i
             summary.setdefault("first_loss", row["loss"])
             summary.update(last_loss=row["loss"], step=step)
             bar.update(loss=row["loss"])
-            run.end_step(step, stop, t, row, model, optimizer, extra={"loader": loader.state_dict()})
+            run.end_step(step, stop, t, row, model, optimizer, extra={"loader": loader.state_dict()}, meta=meta)
+    if step == t.steps and lora is not None:
+        from dscoder.align.lora import ADAPTER_DIR, save_adapter
+
+        summary["adapter"] = str(save_adapter(model, lora, run.out / ADAPTER_DIR, config.model.init))
     if step == t.steps and t.export:
-        summary["export"] = str(run.export())
+        if lora is None:
+            summary["export"] = str(run.export())
+        else:
+            from dscoder.train.export import export
+
+            summary["export"] = str(export(run.out, run.out / "hf", merge_lora=True))
     return summary

@@ -143,6 +143,10 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up [E, 2I, D], down [E, D, I])`` the forward runs on (a LoRA subclass adds its update)."""
+        return self.gate_up_proj, self.down_proj
+
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         N, K = experts_NK.shape
         if torch.compiler.is_compiling() and N * K <= COMPILED_DIRECT_SLOTS:
@@ -150,7 +154,7 @@ class RoutedExperts(nn.Module):
         flat_S = experts_NK.reshape(-1)
         order_S = torch.argsort(flat_S, stable=True)
         y_SD = expert_swiglu(x_ND[order_S // K], weights_NK.reshape(-1)[order_S], flat_S[order_S],
-                             self.gate_up_proj, self.down_proj)
+                             *self.stacked_weights())
         # Undo the sort and add each token's K expert outputs (the sum accumulates in fp32).
         y_unsorted = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD)
         return y_unsorted.view(N, K, -1).sum(dim=1)
@@ -159,19 +163,21 @@ class RoutedExperts(nn.Module):
         """Each slot reads its expert's rows where they lie: products and sums over ``W[expert]`` with no sort and
         no gathered copy once torch.compile fuses the indexing into the reductions (for decode-sized batches; in
         eager mode ``W[experts]`` would be copied out)."""
-        gate_up_NKO = (x_ND[:, None, None, :] * self.gate_up_proj[experts_NK]).sum(-1)
+        gate_up_EOD, down_EDI = self.stacked_weights()
+        gate_up_NKO = (x_ND[:, None, None, :] * gate_up_EOD[experts_NK]).sum(-1)
         gate, up = gate_up_NKO.float().chunk(2, dim=-1)
         act_NKI = (F.silu(gate) * up * weights_NK[..., None]).to(x_ND.dtype)
-        y_NKD = (act_NKI[:, :, None, :] * self.down_proj[experts_NK]).sum(-1)
+        y_NKD = (act_NKI[:, :, None, :] * down_EDI[experts_NK]).sum(-1)
         return y_NKD.float().sum(dim=1).to(x_ND.dtype)
 
     def forward_reference(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor) -> torch.Tensor:
         """Plain path: every expert in turn over the tokens that chose it. For tests."""
         out = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)
+        gate_up_EOD, down_EDI = self.stacked_weights()
         for e in range(self.n_experts):
             token, slot = torch.nonzero(experts_NK == e, as_tuple=True)
-            gate, up = (x_ND[token] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.down_proj[e].T
+            gate, up = (x_ND[token] @ gate_up_EOD[e].T).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ down_EDI[e].T
             out.index_add_(0, token, y.float() * weights_NK[token, slot, None])
         return out.to(x_ND.dtype)
 

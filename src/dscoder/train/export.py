@@ -79,7 +79,7 @@ def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
     return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
-def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+def export(source: str | Path, out: str | Path, dtype: str | None = None, merge_lora: bool = False) -> Path:
     from dscoder.model.build import build_model, save_model
     from dscoder.tokenizer import Tokenizer
 
@@ -89,7 +89,21 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
     meta = ckpt.read_meta(path)
     config = ModelConfig.from_hf_dict(meta["model"], source=str(path / "meta.json"))
     model = build_model(config, dtype=torch.float32)
+    lora = meta.get("lora")
+    if lora and not merge_lora:
+        raise DscoderError(f"{path}: a LoRA run (its base is frozen); pass --merge-lora to export the merged model "
+                           f"(the adapter alone is in {run_dir_of(path) / 'adapter'})")
+    if merge_lora and not lora:
+        raise DscoderError(f"{path}: not a LoRA run (no adapter to merge); export it without --merge-lora")
+    if lora:
+        from dscoder.align.lora import apply_lora, lora_section
+
+        apply_lora(model, lora_section(lora, str(path / "meta.json")))
     ckpt.load_model_weights(path, model)
+    if lora:
+        from dscoder.align.lora import merge_lora as merge
+
+        merge(model)
     bad = nonfinite_tensors(model)
     if bad:
         ckpt.warn(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]}); exported as they are")
