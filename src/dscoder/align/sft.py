@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dscoder.align.recipe import AlignConfig, build_policy, load_tokenizer, open_run, policy_config
+from dscoder.align.recipe import (AlignConfig, all_sum, build_policy, clip_for, finish, load_tokenizer, open_run,
+                                  parallelize, policy_config, rank_share, setup_distributed)
 from dscoder.errors import CheckpointError, ConfigError, DscoderError
 from dscoder.io import read_jsonl
 from dscoder.train.optim import lr_factor, optimizer_for
@@ -181,21 +182,23 @@ def chat_rows(path, tokenizer, seq_len: int, packing: bool) -> tuple[list[dict],
 
 # ----- the loop --------------------------------------------------------------------------------------------------
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """(summed next-token loss over assistant tokens, MoE balance loss, number of assistant tokens)."""
-    h, aux = model.hidden(batch["ids"], document_mask(batch["doc"]), batch["pos"])
-    logits = model.lm_head(h).float()
+    """(summed next-token loss over assistant tokens, MoE balance loss, number of assistant tokens). Through the
+    model's forward, so a DDP or FSDP2 wrapper sees the call."""
+    out = model(batch["ids"], document_mask(batch["doc"]), batch["pos"])
+    logits, aux = out.logits.float(), out.aux_loss
     loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, aux, int((batch["labels"] != IGNORE).sum())
 
 
 @torch.no_grad()
-def evaluate_rows(model, rows: list[dict], batch: int) -> float:
-    """Mean next-token loss (nats) over the assistant tokens of ``rows``."""
+def evaluate_rows(model, rows: list[dict], batch: int, device=None) -> float:
+    """Mean next-token loss (nats) over the assistant tokens of ``rows`` (every rank evaluates all of them)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
+    device = device or next(model.parameters()).device
     for i in range(0, len(rows), batch):
-        loss, _, n = sft_loss(model, collate(rows[i:i + batch], model.lm_head.weight.device))
+        loss, _, n = sft_loss(model, collate(rows[i:i + batch], device))
         total, count = total + float(loss), count + n
     model.train(was)
     return total / max(count, 1)
@@ -209,25 +212,32 @@ def sft(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: i
     tokenizer = load_tokenizer(config)
     mcfg = policy_config(config, tokenizer)
     check_context(d.seq_len, mcfg, "data.seq_len")
+    lora = config.lora if config.lora is not None and config.lora.enabled else None
+    dist_ = setup_distributed(config, mcfg.n_routed_experts)
+    if lora is not None and (config.parallel.strategy == "fsdp" or config.parallel.ep > 1):
+        raise ConfigError("lora.rank: LoRA under torchrun runs with parallel.strategy = 'ddp' and ep = 1")
     rows, stats = chat_rows(d.path, tokenizer, d.seq_len, d.packing)
     eval_rows = chat_rows(d.eval_path, tokenizer, d.seq_len, d.packing)[0] if d.eval_path else None
-    run = open_run(config, out, resume, tokenizer)
-    model = build_policy(config, tokenizer, mcfg=mcfg)
-    lora = config.lora if config.lora is not None and config.lora.enabled else None
+    run = open_run(config, out, resume, tokenizer, main=dist_.main)
+    model = build_policy(config, tokenizer, mcfg=mcfg, device=dist_.device)
     meta = {}
     if lora is not None:  # the base frozen, adapters on the targets (dscoder.align.lora)
         from dscoder.align.lora import apply_lora
 
         apply_lora(model, lora)
         meta = {"lora": lora.to_dict()}
+    plain = model
+    model = parallelize(model, config, dist_)
     optimizer = optimizer_for(model, t)
-    loader = RowLoader(rows, t.micro_batch, t.seed)
+    # every rank reads the global batch (micro_batch rows per rank) in one process's order and takes its rows
+    loader = RowLoader(rows, t.micro_batch * dist_.world, t.seed)
+    mine = rank_share(t.micro_batch * dist_.world, dist_, "rows per step")
 
     def expected(saved: dict) -> dict:  # a checkpoint resumes only under the same [lora] table
         if saved.get("lora") != meta.get("lora"):
             raise CheckpointError(f"{out}: its checkpoints were saved with lora = {saved.get('lora')}, the recipe "
                                   f"has {meta.get('lora')}; start a new --out")
-        return model.config.to_hf_dict()
+        return plain.config.to_hf_dict()
 
     extra = run.restore(model, optimizer, resume, expected)
     step = extra["step"] if extra else 0
@@ -238,34 +248,40 @@ def sft(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: i
     with run.progress("sft", t.steps, step) as bar:
         while step < stop:
             t0 = time.perf_counter()
-            batches = [collate(next(loader)) for _ in range(t.grad_accum)]
-            n_tokens = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+            global_batches = [next(loader) for _ in range(t.grad_accum)]
+            # the loss is a mean over the global batch's assistant tokens: each rank's sum over that count, times
+            # the world size, since DDP and FSDP2 average the ranks' gradients
+            n_tokens = sum(lab != IGNORE for rows_ in global_batches for r in rows_ for lab in r["labels"])
+            batches = [collate(rows_[mine], dist_.device) for rows_ in global_batches]
             loss_sum, aux_sum = 0.0, 0.0
-            for b in batches:
-                with autocast(t.dtype, model.lm_head.weight.device):
+            for k, b in enumerate(batches):
+                with _no_sync(model, k < len(batches) - 1), autocast(t.dtype, dist_.device):
                     loss, aux, _ = sft_loss(model, b)
-                aux = aux if aux is not None else torch.zeros(())
-                (loss / max(n_tokens, 1) + aux / t.grad_accum).backward()
+                    aux = aux if aux is not None else torch.zeros((), device=dist_.device)
+                    (loss * dist_.world / max(n_tokens, 1) + aux / t.grad_accum).backward()
                 loss_sum, aux_sum = loss_sum + loss.item(), aux_sum + aux.item() / t.grad_accum
+            loss_sum, aux_sum = all_sum([loss_sum, aux_sum / dist_.world], dist_)
             lr = t.lr * lr_factor(step, t.warmup_steps, t.steps, t.min_lr_ratio)
-            grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1, loss=loss_sum / max(n_tokens, 1),
-                                       aux_loss=aux_sum)
+            grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1, clip=clip_for(config),
+                                       loss=loss_sum / max(n_tokens, 1), aux_loss=aux_sum)
             step += 1
             row = {"step": step, "loss": loss_sum / max(n_tokens, 1), "aux_loss": aux_sum, "grad_norm": grad_norm,
                    "lr": lr, "assistant_tokens": n_tokens,
-                   "tokens_per_s": sum(b["ids"].numel() for b in batches) / (time.perf_counter() - t0)}
+                   "tokens_per_s": sum(b["ids"].numel() for b in batches) * dist_.world / (time.perf_counter() - t0)}
             if eval_rows is not None and ((config.method.eval_every and step % config.method.eval_every == 0)
                                           or step == t.steps):
-                row["eval_loss"] = evaluate_rows(model, eval_rows, t.micro_batch)
+                row["eval_loss"] = evaluate_rows(model, eval_rows, t.micro_batch, dist_.device)
                 summary["eval_loss"] = row["eval_loss"]
             summary.setdefault("first_loss", row["loss"])
             summary.update(last_loss=row["loss"], step=step)
             bar.update(loss=row["loss"])
             run.end_step(step, stop, t, row, model, optimizer, extra={"loader": loader.state_dict()}, meta=meta)
+    if not finish(dist_):  # under torchrun, rank 0 writes the adapter and the export alone
+        return summary
     if step == t.steps and lora is not None:
         from dscoder.align.lora import ADAPTER_DIR, save_adapter
 
-        summary["adapter"] = str(save_adapter(model, lora, run.out / ADAPTER_DIR, config.model.init))
+        summary["adapter"] = str(save_adapter(plain, lora, run.out / ADAPTER_DIR, config.model.init))
     if step == t.steps and t.export:
         if lora is None:
             summary["export"] = str(run.export())
@@ -274,3 +290,11 @@ def sft(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: i
 
             summary["export"] = str(export(run.out, run.out / "hf", merge_lora=True))
     return summary
+
+
+
+def _no_sync(model, skip: bool):
+    """Gradient accumulation under DDP or FSDP2: no gradient exchange on the micro-batches before the last."""
+    from dscoder.train.pretrain import grad_sync
+
+    return grad_sync(model, not skip)

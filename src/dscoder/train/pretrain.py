@@ -306,7 +306,13 @@ def _expert_parallel_clip(model, max_norm: float) -> torch.Tensor:
 
 
 def _no_sync(model, config: TrainConfig, sync: bool, d: Dist):
-    if sync or d.world == 1:
+    return grad_sync(model, sync or d.world == 1)
+
+
+def grad_sync(model, sync: bool):
+    """The context of a backward pass that exchanges gradients (``sync``) or only accumulates them (DDP's
+    ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``); nothing to do for a plain model."""
+    if sync:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
         return model.no_sync()

@@ -1,0 +1,57 @@
+"""Alignment under torchrun: SFT and GRPO on 2 CPU ranks (DDP, FSDP2, FSDP2 + EP) equal one process with the same
+global batch, in loss and gradient norm; the run writes one set of metrics and one export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import align_recipe, jsonl_rows, torchrun, write_lines
+from dscoder.align.grpo import grpo
+from dscoder.align.sft import sft
+from dscoder.tokenizer import Tokenizer
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle"]
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft-dist")
+    texts = [f"User: reverse: {a} {b}\n\nAssistant: {b} {a}" for a in WORDS for b in WORDS] * 3
+    Tokenizer.train(texts, vocab_size=320).save(root / "tok")
+    rows = []
+    for i in range(24):
+        a, b = WORDS[i % 8], WORDS[(i * 3 + 1) % 8]
+        msgs = [{"role": "user", "content": f"reverse: {a} {b}"}, {"role": "assistant", "content": f"{b} {a}"}]
+        if i % 3 == 0:  # conversations of different lengths: the ranks' rows hold different token counts
+            msgs += [{"role": "user", "content": f"first: {a} {b}"}, {"role": "assistant", "content": a}]
+        rows.append({"messages": msgs})
+    write_lines(root / "chat.jsonl", rows)
+    return root
+
+
+def _sft_args(data: Path) -> list[str]:
+    # packing off and a short length: rows of one or two conversations, so each rank's share has its own count of
+    # assistant tokens (the loss must be the mean over the global batch's tokens, not a mean of the ranks' means)
+    return [f"model.tokenizer={data / 'tok'}", f"data.path={data / 'chat.jsonl'}", "data.seq_len=48",
+            "data.packing=false", "train.steps=3", "train.warmup_steps=1", "train.grad_accum=2", "train.ckpt_every=3",
+            "train.export=true"]
+
+
+@pytest.mark.parametrize("parallel", [[], ["parallel.strategy=fsdp"], ["parallel.strategy=fsdp", "parallel.ep=2"]],
+                         ids=["ddp", "fsdp", "fsdp+ep"])
+def test_sft_under_torchrun_equals_one_process(chat_data, tmp_path, parallel):
+    sft(align_recipe("sft", *_sft_args(chat_data), "train.micro_batch=4"), tmp_path / "one")
+    proc = torchrun("train", "sft", "--config", "sft-tiny", "--out", str(tmp_path / "two"), *_sft_args(chat_data),
+                    "train.micro_batch=2", *parallel)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = jsonl_rows(tmp_path / "one" / "metrics.jsonl"), jsonl_rows(tmp_path / "two" / "metrics.jsonl")
+    assert len(one) == len(two) == 3
+    for key in ("loss", "aux_loss", "grad_norm"):
+        assert max(abs(a[key] - b[key]) for a, b in zip(one, two)) <= 1e-4, (key, one, two)
+    assert [r["assistant_tokens"] for r in one] == [r["assistant_tokens"] for r in two]
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["parallel"]["strategy"] == (parallel[0].split("=")[1] if parallel else "ddp")
+    assert (tmp_path / "two" / "hf" / "config.json").is_file()
