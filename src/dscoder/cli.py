@@ -207,6 +207,22 @@ def export_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_ablate(args: argparse.Namespace) -> int:
+    from dscoder.ablate import METRICS, ablate
+
+    table = ablate(args.corpus, args.out, tokens=args.tokens, minutes=args.minutes, seed=args.seed,
+                   preset=args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch, heldout=args.heldout,
+                   limit=args.limit, mbpp=args.mbpp, overrides=args.overrides)
+    shown = [m for m in METRICS if any(m[0] in row for row in table.values())]
+    print(f"\n{'corpus':<16}" + "".join(f"{key:>20}" for key, _, _ in shown))
+    for name in sorted(table, key=lambda n: table[n]["heldout_perplexity"]):
+        cells = [table[name].get(key) for key, _, _ in shown]
+        print(f"{name:<16}" + "".join(f"{'n/a' if v is None else format(v, spec):>20}"
+                                      for v, (_, _, spec) in zip(cells, shown)))
+    print(f"\nwrote {args.out}/ablation.json, {args.out}/report.md, {args.out}/ablation.png")
+    return 0
+
+
 def run_quickstart(args: argparse.Namespace) -> int:
     from dscoder.quickstart import quickstart
 
@@ -367,6 +383,32 @@ def build_parser() -> argparse.ArgumentParser:
     from dscoder.eval.cli import register as register_eval
 
     register_eval(sub)  # eval: task choices and flags from the task registry
+
+    ab = sub.add_parser(
+        "ablate", help="train the same model on each corpus, same tokens and seed, and compare them",
+        description="The paper's corpus ablation at any scale: pre-train the same model (a preset, one seed) on "
+                    "each data build for the same number of tokens, export it, and evaluate it the same way: "
+                    "perplexity on the same held-out code, single-line FIM exact match, HumanEval pass@1 (and MBPP "
+                    "with --mbpp). Writes OUT/ablation.json, OUT/report.md and OUT/ablation.png; rerun to resume. "
+                    "The builds must share one tokenizer (dscoder data build --tokenizer DIR).")
+    ab.add_argument("--corpus", nargs="+", required=True, metavar="NAME=BUILD", help="two or more data builds")
+    ab.add_argument("--out", required=True, help="output folder")
+    budget = ab.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--tokens", type=int, help="training tokens per corpus")
+    budget.add_argument("--minutes", type=float,
+                        help="the whole budget: about 70%% of it training, split evenly (calibrated on this machine)")
+    ab.add_argument("--preset", default="tiny", help=f"model preset ({', '.join(PRESETS)}; default tiny)")
+    ab.add_argument("--seed", type=int, default=0, help="model and data seed, the same for every corpus (0)")
+    ab.add_argument("--seq-len", type=int, default=256, help="tokens per row (256)")
+    ab.add_argument("--micro-batch", type=int, default=8, help="rows per step (8)")
+    ab.add_argument("--heldout", nargs="+", metavar="PATH",
+                    help="held-out code files or folders (.py) for perplexity (default: installed third-party "
+                         "packages' files, unseen by a standard-library corpus)")
+    ab.add_argument("--limit", type=int, help="evaluate only the first N problems of FIM/HumanEval/MBPP")
+    ab.add_argument("--mbpp", metavar="FILE", help="MBPP's mbpp.jsonl: add MBPP pass@1")
+    ab.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="recipe overrides for every run, e.g. train.lr=1e-3 model.num_hidden_layers=4")
+    ab.set_defaults(func=run_ablate)
 
     qs = sub.add_parser("quickstart", help="the whole system on its defaults, on a CPU, into one folder",
                         description="Build a corpus from this Python's standard library, train the tokenizer, "
