@@ -134,3 +134,19 @@ def test_cli_kind_text_and_bad_filter(web, tmp_path, capsys):
     bad.write_bytes(b"this is not a warc file\n")
     assert main(["data", "build", str(bad), "--out", str(tmp_path / "o2"), "--tasks", "1"]) == 2
     assert "not a readable WARC file" in capsys.readouterr().err
+
+
+def test_a_web_page_is_text_in_a_code_build(tmp_path):
+    from dscoder.data.pipeline import FilterStage
+    from dscoder.data.sources import RawDocument
+
+    stage = FilterStage(BuildConfig(sources=[], out=str(tmp_path), humaneval=False))
+    rules = stage.config.rule_config
+    page_doc = RawDocument(0, "0:0", "https://math.example.org/d", PROSE[0], url="https://math.example.org/d",
+                           kind="text")
+    assert stage._decide(page_doc, rules, None) == (None, "Text", PROSE[0])
+    junk = RawDocument(1, "0:1", "https://shop.example.com/x", JUNK, kind="text")
+    assert stage._decide(junk, rules, None)[0].startswith("gopher_repetition:")
+    # the same prose as a file of a code build is judged by the code rules
+    as_code = RawDocument(2, "0:2", "notes/essay.txt", PROSE[0].encode())
+    assert stage._decide(as_code, rules, None)[0] == "text_not_documentation"
