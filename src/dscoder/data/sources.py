@@ -236,10 +236,8 @@ def _parquet(source: Path, si: int, rank: int, world_size: int, index_start: int
 def _warc(source: Path, si: int, rank: int, world_size: int, index_start: int) -> Iterator[RawDocument]:
     """A WARC file's documents: the HTML of this task's records extracted to text (the costly part, so it runs in
     the tasks); a record that is not an HTML page, or has no main text, is rejected with that rule."""
-    for n, record, rule in iter_warc(source):
+    for n, record, rule in iter_warc(source, want=lambda n: (index_start + n) % world_size == rank):
         index = index_start + n
-        if index % world_size != rank:
-            continue
         where = f"{source.name}#{n + 1}"
         if record is None:
             yield RawDocument(index, f"{si}:{n}", where, None, rule, kind="text")

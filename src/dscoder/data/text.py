@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -53,10 +53,12 @@ def count_warc_documents(path: Path) -> int:
         raise DscoderError(f"{path}: not a readable WARC file ({_one_line(e)})") from None
 
 
-def iter_warc(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def iter_warc(path: Path, want: Callable[[int], bool] | None = None
+              ) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """``(n, record, rule)`` for the n-th document record of a WARC file: ``record`` is ``{"id", "url", "date",
     "text"}`` with the extracted text, or None with the ``rule`` that dropped it (``not_html``: another payload type
-    or an undecodable one; ``no_extracted_text``: Trafilatura found no main text)."""
+    or an undecodable one; ``no_extracted_text``: Trafilatura found no main text). ``want(n)`` False: the record is
+    skipped unparsed (another task's)."""
     from datatrove.pipeline.readers.warc import process_record
     from warcio.exceptions import ArchiveLoadFailed
 
@@ -66,6 +68,9 @@ def iter_warc(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | No
         try:
             for record in it:
                 if not _document(record, path):
+                    continue
+                if want is not None and not want(n):
+                    n += 1
                     continue
                 data = process_record(record)
                 if data is None:
