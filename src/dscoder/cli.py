@@ -100,6 +100,8 @@ def data_build(args: argparse.Namespace) -> int:
     from dscoder.data.rules import RuleConfig
     from dscoder.data.sources import check_sources, default_sources
 
+    if args.ray_address is not None and args.executor != "ray":
+        raise DscoderError("--ray-address is for --executor ray")
     sources = check_sources(args.sources) if args.sources else default_sources()
     overrides = {}
     for item in args.rule:
@@ -118,7 +120,7 @@ def data_build(args: argparse.Namespace) -> int:
     slurm = {"partition": args.slurm_partition, "time": args.slurm_time}
     print(f"building {args.out} from {', '.join(str(p) for p in sources)} ({tasks} tasks, {args.executor})",
           file=sys.stderr)
-    manifest = build(config, executor=args.executor, workers=args.workers, slurm=slurm)
+    manifest = build(config, executor=args.executor, workers=args.workers, slurm=slurm, ray_address=args.ray_address)
     if manifest is None:
         print(f"submitted; when the jobs finish, {args.out}/manifest.json holds the counts")
         return 0
@@ -298,8 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="NAMES", help="datatrove filters for text documents, comma-separated (default: all four; "
                                          "'' for none)")
     b.add_argument("--tasks", type=int, default=0, help="tasks per parallel stage (default 2 x cores; at most 10,000)")
-    b.add_argument("--workers", type=int, default=-1, help="local worker processes (default: all cores)")
-    b.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    b.add_argument("--workers", type=int, default=-1,
+                   help="local worker processes, or the CPUs of a local Ray instance (default: all cores)")
+    b.add_argument("--executor", choices=["local", "slurm", "ray"], default="local",
+                   help="local processes; Slurm jobs (sbatch); Ray tasks, on a local Ray instance or --ray-address")
+    b.add_argument("--ray-address", help="with --executor ray: a running Ray cluster (e.g. ray://head:10001 or "
+                   "head:6379; OUT must be on a file system every node sees); default: start a local instance")
     b.add_argument("--slurm-partition", default="cpu")
     b.add_argument("--slurm-time", default="4:00:00")
     b.set_defaults(func=data_build)

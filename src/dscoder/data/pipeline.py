@@ -479,14 +479,10 @@ def make_executors(config: BuildConfig, executor: str = "local", workers: int = 
             ex = SlurmPipelineExecutor(pipeline=[step], tasks=tasks, logging_dir=logs, depends=previous,
                                        job_name=f"dscoder-{name}", time=opts.pop("time", "4:00:00"),
                                        partition=opts.pop("partition", "cpu"), **opts)
-        elif executor == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                raise DscoderError("--executor ray needs the 'ray' package (pip install 'ray[default]')") from None
-            from datatrove.executor import RayPipelineExecutor
+        elif executor == "ray":  # datatrove's tasks and completion markers, run as Ray tasks by `_run_on_ray`
+            from datatrove.executor import LocalPipelineExecutor
 
-            ex = RayPipelineExecutor(pipeline=[step], tasks=tasks, logging_dir=logs, depends=previous)
+            ex = LocalPipelineExecutor(pipeline=[step], tasks=tasks, workers=1, logging_dir=logs)
         else:
             raise DscoderError(f"unknown executor '{executor}' (expected local, slurm or ray)")
         executors.append(ex)
@@ -531,9 +527,18 @@ def prepare(config: BuildConfig) -> list[dict[str, Any]]:
 
 
 def build(config: BuildConfig, executor: str = "local", workers: int = -1,
-          slurm: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Run (or resume) a build; returns the manifest when the stages ran here (local), else None."""
+          slurm: dict[str, Any] | None = None, ray_address: str | None = None) -> dict[str, Any] | None:
+    """Run (or resume) a build; returns the manifest when the stages ran from here (local, Ray), None when they were
+    submitted to Slurm. Ray: a local Ray instance with ``workers`` CPUs when ``ray_address`` is None, else the
+    cluster at ``ray_address`` (``OUT`` must then be on a file system every node sees)."""
     config.validate()
+    if ray_address is not None and executor != "ray":
+        raise DscoderError("--ray-address is for --executor ray")
+    if executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise DscoderError("--executor ray needs the 'ray' package (pip install 'dscoder[ray]')") from None
     if isinstance(workers, bool) or not isinstance(workers, int) or not (workers == -1 or workers >= 1):
         raise ConfigError(f"workers must be -1 (all cores) or an integer >= 1, got {workers!r}")
     if executor == "slurm" and shutil.which("sbatch") is None:
@@ -564,8 +569,62 @@ def build(config: BuildConfig, executor: str = "local", workers: int = -1,
             if missing:
                 raise DscoderError(f"stage '{name}': tasks {missing} did not finish; see {config.out}/logs/{name}")
         return _read_json(Path(config.out) / "manifest.json")
+    if executor == "ray":
+        _run_on_ray(config, executors, workers, ray_address)
+        return _read_json(Path(config.out) / "manifest.json")
     executors[-1].run()  # launches the chain through `depends`
     return None
+
+
+def _ray_task(executor, rank: int) -> None:
+    """One datatrove task in a Ray worker process: the task's log, its stage step and its completion marker."""
+    executor._run_for_rank(rank)
+
+
+def _run_on_ray(config: BuildConfig, executors: list, workers: int, address: str | None) -> None:
+    """Each stage's unfinished tasks as Ray tasks (one CPU each), stage after stage; a failed task stops the build.
+
+    datatrove's RayPipelineExecutor is not used: its actor forks a process pool after the stage was unpickled, and
+    the forked child hangs in its first call into go-enry (a Go runtime does not survive fork), so a local build
+    waited forever; it also asks 2 GB of Ray memory per task, and polls a failed dependency every two minutes.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        try:
+            if address is None:  # a local instance, gone with this process
+                ray.init(num_cpus=workers if workers > 0 else None, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except Exception as e:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise DscoderError(f"could not start or reach {where} ({type(e).__name__}: {_one_line(e)})") from None
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+        for name, ex in zip(STAGES, executors):
+            ranks = ex.get_incomplete_ranks(range(ex.world_size))
+            if not ranks:
+                continue
+            ex.save_executor_as_json()
+            pending = [task.remote(ex, rank) for rank in ranks]
+            try:
+                ray.get(pending)
+            except ray.exceptions.RayTaskError as e:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, DscoderError):
+                    raise DscoderError(_one_line(cause)) from None
+                raise DscoderError(f"stage '{name}' failed ({type(cause or e).__name__}: {_one_line(cause or e)}); "
+                                   f"see {config.out}/logs/{name}/logs") from None
+            missing = ex.get_incomplete_ranks(skip_completed=True)
+            if missing:
+                raise DscoderError(f"stage '{name}': tasks {missing} did not finish; see {config.out}/logs/{name}")
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _one_line(error: BaseException) -> str:
