@@ -142,8 +142,11 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true", help="decode eager only")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--budget-s", type=float, default=0, help="skip the compiled decode once this many seconds have "
+                    "passed (0: no budget)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    start = time.perf_counter()
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
@@ -159,7 +162,18 @@ def main() -> int:
           f"[{time.perf_counter() - t:.0f} s]", flush=True)
 
     t = time.perf_counter()
-    tr = train_mfu(device, args.train_layers, args.batch, args.seq if not args.small else 128, args.steps, args.small)
+    batch = args.batch
+    while True:
+        try:
+            tr = train_mfu(device, args.train_layers, batch, args.seq if not args.small else 128, args.steps,
+                           args.small)
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            print(f"train step: out of memory at batch {batch}; trying batch {batch // 2}", flush=True)
+            batch //= 2
+            torch.cuda.empty_cache()
     tr["mfu"] = tr["achieved_tflops"] * 1e12 / peak
     results["train"] = tr
     print(f"train step (Lite shapes, {tr['layers']} layers, {tr['tokens_per_step']} tokens, bf16 autocast, AdamW): "
@@ -169,6 +183,9 @@ def main() -> int:
 
     results["decode"] = []
     for compiled in ([False] if args.no_compile else [False, True]):
+        if compiled and args.budget_s and time.perf_counter() - start > args.budget_s:
+            print(f"decode compiled: skipped (past the {args.budget_s:.0f} s budget)", flush=True)
+            continue
         t = time.perf_counter()
         dec = decode(device, args.decode_layers, args.new if not args.small else 16, compiled, args.small)
         dec["limit_tokens_per_s"] = bw / dec["bytes_per_token"]

@@ -6,7 +6,8 @@
 # (--install-only stops after step 1: on a machine whose commands are time-limited, install in one call and run
 # the suite in the next, which reuses the environment.)
 #
-# 1. a virtual environment (build/gpu-venv, reused when it works) with torch 2.13.0 built for CUDA: plain
+# 1. python3 as it is when it already has torch for CUDA and pytest (this checkout on PYTHONPATH); else a virtual
+#    environment (build/gpu-venv, reused when it works) with torch 2.13.0 built for CUDA: plain
 #    `pip install torch==2.13.0` first; if torch then sees no GPU, the CUDA wheels of download.pytorch.org
 #    (cu128, then cu126); then this package and pytest;
 # 2. the GPU tests (tests/test_gpu.py: grouped GEMM, compiled decode, bf16 autocast, FSDP2 over NCCL, pre-training
@@ -28,9 +29,14 @@ status=0
 
 cuda_ok() { "$1" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # this checkout's dscoder, installed or not
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+if [ -z "${GPU_SUITE_PYTHON:-}" ] && cuda_ok python3 && python3 -c "import pytest" 2>/dev/null; then
+    GPU_SUITE_PYTHON=python3  # a machine with torch for CUDA already installed (it may have no package registry)
+fi
 if [ -n "${GPU_SUITE_PYTHON:-}" ]; then
     PY="$GPU_SUITE_PYTHON"
-    stamp "using GPU_SUITE_PYTHON=$PY"
+    stamp "using $PY ($(command -v "$PY")) with PYTHONPATH=src: no install"
 else
     PY="$VENV/bin/python"
     if [ -x "$PY" ] && cuda_ok "$PY" && "$PY" -c "import dscoder, pytest" 2>/dev/null; then
@@ -96,7 +102,7 @@ OMP_NUM_THREADS=4 timeout 330 "$PY" -m pytest tests/test_gpu.py -v -rs -s -p no:
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stamp "benchmarks/bench_gpu.py"
-timeout 270 "$PY" benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$" | tail -20
+timeout 240 "$PY" benchmarks/bench_gpu.py --budget-s 120 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stamp "done (status $status); logs in $OUT"

@@ -117,6 +117,10 @@ def expert_swiglu(x_SD: torch.Tensor, weight_S: torch.Tensor, expert_S: torch.Te
 
     Shared by :class:`RoutedExperts` and the expert-parallel wrapper (which passes its local experts' weights).
     """
+    device = x_SD.device.type
+    if torch.is_autocast_enabled(device):  # autocast does not cover _grouped_mm: cast as it casts a matmul's inputs
+        dtype = torch.get_autocast_dtype(device)  # (else fp32 activations under bf16 autocast take the gathered
+        x_SD, gate_up_EOD, down_EDI = x_SD.to(dtype), gate_up_EOD.to(dtype), down_EDI.to(dtype)  # path: CUDA OOM)
     # (no slots happens under expert parallelism: the CPU _grouped_mm backward fails on an empty input)
     # (torch.compile has no fp32 _grouped_mm: compiled graphs take the gathered path)
     if x_SD.shape[0] > 0 and grouped_mm_works(x_SD.device.type, x_SD.dtype) and not torch.compiler.is_compiling():
