@@ -102,7 +102,7 @@ OMP_NUM_THREADS=4 timeout 330 "$PY" -m pytest tests/test_gpu.py -v -rs -s -p no:
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stamp "benchmarks/bench_gpu.py"
-timeout 240 "$PY" benchmarks/bench_gpu.py --budget-s 120 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$" | tail -20
+timeout 200 "$PY" benchmarks/bench_gpu.py --budget-s 90 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stamp "done (status $status); logs in $OUT"
