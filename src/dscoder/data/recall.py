@@ -178,8 +178,9 @@ def recall(seeds: list[str | Path], pools: list[str | Path], out: str | Path, co
     if len(seed_texts) < 2:
         raise DscoderError(f"recall: the seeds hold {len(seed_texts)} record(s) with text; at least 2 are needed")
     high_yield: set[str] = set()
+    expected_domain_pages = 0  # the high-yield domains' pages, counted by the previous scoring pass
     for it in range(1, config.iterations + 1):
-        domain_pages, negatives = _sample(pools, config, high_yield, it, len(seed_texts))
+        domain_pages, negatives = _sample(pools, config, high_yield, it, len(seed_texts), expected_domain_pages)
         positives = seed_texts + domain_pages
         if len(negatives) < 2:
             raise DscoderError(f"recall: the pool gave {len(negatives)} negative page(s); at least 2 are needed")
@@ -194,6 +195,8 @@ def recall(seeds: list[str | Path], pools: list[str | Path], out: str | Path, co
                      if total >= config.min_domain_pages and kept > config.domain_share * total)
         new = [d for d in new if d not in high_yield]
         high_yield.update(new)
+        expected_domain_pages = min(config.max_domain_positives,
+                                    sum(counts["domains"][d][0] for d in high_yield))
         manifest["iterations"].append({
             "iteration": it, "seed_positives": len(seed_texts), "domain_positives": len(domain_pages),
             "negatives": len(negatives), "train": len(pos_train) + len(neg_train),
@@ -220,13 +223,14 @@ def _prepare(out: Path) -> None:
 
 
 def _sample(pools: list[Path], config: RecallConfig, high_yield: set[str], it: int,
-            seed_count: int) -> tuple[list[str], list[str]]:
+            seed_count: int, expected_domain_pages: int) -> tuple[list[str], list[str]]:
     """One pass over the pool: the pages of high-yield domains (positives), and a uniform sample of the other pages
     (negatives: ``negatives`` per positive). Reservoir sampling with a seeded generator: the same pool gives the
-    same sample."""
+    same sample; it holds at most the negatives the expected positives need (the domains' pages were counted by the
+    previous scoring pass)."""
     rng = np.random.default_rng([config.seed, 0, it])
     domain_pages: list[str] = []
-    cap = math.ceil(config.negatives * (seed_count + config.max_domain_positives if high_yield else seed_count))
+    cap = math.ceil(config.negatives * (seed_count + expected_domain_pages))
     reservoir: list[str] = []
     seen = 0
     for _, rec in _pool(pools):
