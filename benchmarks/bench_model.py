@@ -7,7 +7,15 @@ Measures, for each implementation in its own fresh worker process (so peak memor
     CUDA: max_memory_allocated), gradients included.
 Prints both side by side and the ratios (ours / theirs for speed, theirs / ours for memory).
 
-    python benchmarks/bench_model.py [--batch 4 --seq 512 --iters 5 --device cpu]
+``--same-process`` loads dscoder and transformers (its default, grouped-mm path) in one process and alternates
+their steps, so a machine loaded by other work slows both alike: the printed ratio is the median of the per-round
+ratios (no memory column). ``--profile`` runs one training step of each under torch.profiler and prints each one's
+GEMM share (matmul ops' self CPU time over the step's) and the non-GEMM ops side by side.
+``--config fine`` has more and smaller experts (64 experts of 64, top 6) than the default ``mid`` (16 of 256, top 4).
+
+    python benchmarks/bench_model.py [--batch 4 --seq 512 --iters 5 --device cpu] [--config mid|fine]
+    python benchmarks/bench_model.py --same-process [--config fine]
+    python benchmarks/bench_model.py --profile [--config fine]
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_inte
               first_k_dense_replace=1, max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
               rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "beta_fast": 32,
                             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})
+CONFIGS = {"mid": CONFIG,
+           # more and smaller experts (DeepSeek-V2-Lite routes 6 of 64): more dispatch work per FLOP
+           "fine": {**CONFIG, "n_routed_experts": 64, "moe_intermediate_size": 64, "num_experts_per_tok": 6}}
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm", "aten::baddbmm", "aten::addbmm")
 
 
 IMPLS = ("transformers", "transformers-loop", "dscoder")
@@ -54,8 +66,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def worker(impl: str, ckpt: str, batch: int, seq: int, iters: int, device: str, dtype: str) -> dict:
-    torch.manual_seed(0)
+def load_impl(impl: str, ckpt: str, device: str, dtype: str):
+    """``logits_of(ids)`` and the model of ``impl`` (dscoder, transformers, transformers-loop) from ``ckpt``."""
     if impl == "dscoder":
         import dscoder
 
@@ -70,6 +82,11 @@ def worker(impl: str, ckpt: str, batch: int, seq: int, iters: int, device: str, 
         model = transformers.DeepseekV2ForCausalLM.from_pretrained(
             ckpt, experts_implementation=experts, dtype=getattr(torch, dtype)).to(device)
         logits_of = lambda ids: model(ids).logits  # noqa: E731
+    return logits_of, model
+
+
+def step_fns(logits_of, model, batch: int, seq: int, device: str):
+    """``(train_step, prefill)`` on the same random batch."""
     vocab = CONFIG["vocab_size"]
     ids = torch.randint(0, vocab, (batch, seq + 1), device=device)
     inp, tgt = ids[:, :-1], ids[:, 1:]
@@ -86,6 +103,13 @@ def worker(impl: str, ckpt: str, batch: int, seq: int, iters: int, device: str, 
             logits_of(inp)
         _sync(device)
 
+    return train_step, prefill
+
+
+def worker(impl: str, ckpt: str, batch: int, seq: int, iters: int, device: str, dtype: str) -> dict:
+    torch.manual_seed(0)
+    logits_of, model = load_impl(impl, ckpt, device, dtype)
+    train_step, prefill = step_fns(logits_of, model, batch, seq, device)
     model.train()
     # Peak memory of the first training step, above the loaded model: measured before any warm-up, because freed
     # memory the allocator keeps would hide a later step's peak from the resident-set counters.
@@ -115,6 +139,64 @@ def worker(impl: str, ckpt: str, batch: int, seq: int, iters: int, device: str, 
             "train_peak_mib": peak_mib}
 
 
+def same_process(ckpt: str, batch: int, seq: int, iters: int, device: str, dtype: str) -> dict:
+    """dscoder and transformers in one process, steps alternating: per-round ratios, their medians."""
+    torch.manual_seed(0)
+    fns = {}
+    for impl in ("transformers", "dscoder"):
+        logits_of, model = load_impl(impl, ckpt, device, dtype)
+        fns[impl] = (model, *step_fns(logits_of, model, batch, seq, device))
+    out = {}
+    for kind, index in (("train", 1), ("prefill", 2)):
+        times = {impl: [] for impl in fns}
+        for model, *_ in fns.values():
+            model.train(kind == "train")
+        for impl, f in fns.items():  # warm-up
+            f[index]()
+        for _ in range(iters):
+            for impl, f in fns.items():
+                t0 = time.perf_counter()
+                f[index]()
+                times[impl].append(time.perf_counter() - t0)
+        ratios = [t / o for t, o in zip(times["transformers"], times["dscoder"])]
+        out[kind] = {"ratio": statistics.median(ratios), "ours_s": statistics.median(times["dscoder"]),
+                     "theirs_s": statistics.median(times["transformers"])}
+    return out
+
+
+def profile_step(ckpt: str, batch: int, seq: int, device: str, dtype: str, top: int = 18) -> None:
+    """One training step of each under torch.profiler: GEMM share, then non-GEMM ops side by side (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for impl in ("dscoder", "transformers"):
+        torch.manual_seed(0)
+        logits_of, model = load_impl(impl, ckpt, device, dtype)
+        train_step, _ = step_fns(logits_of, model, batch, seq, device)
+        model.train()
+        train_step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step()
+        ops = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+        tables[impl] = ops
+        del model
+    print(f"{'':34}{'dscoder ms':>12}{'transformers ms':>17}")
+    for impl in tables:
+        total = sum(tables[impl].values())
+        gemm = sum(v for k, v in tables[impl].items() if k in GEMM_OPS)
+        tables[impl]["= step (self CPU total)"], tables[impl]["= GEMM"] = total, gemm
+        tables[impl]["= everything else"] = total - gemm
+    for key in ("= step (self CPU total)", "= GEMM", "= everything else"):
+        print(f"{key:34}{tables['dscoder'][key]:12.1f}{tables['transformers'][key]:17.1f}")
+    print(f"{'GEMM share':34}{tables['dscoder']['= GEMM'] / tables['dscoder']['= step (self CPU total)']:12.1%}"
+          f"{tables['transformers']['= GEMM'] / tables['transformers']['= step (self CPU total)']:17.1%}")
+    rest = {k for t in tables.values() for k in t if k not in GEMM_OPS and not k.startswith("=")}
+    ranked = sorted(rest, key=lambda k: -max(tables["dscoder"].get(k, 0), tables["transformers"].get(k, 0)))
+    print("non-GEMM ops (self CPU ms), largest first:")
+    for k in ranked[:top]:
+        print(f"  {k[:32]:32}{tables['dscoder'].get(k, 0):12.1f}{tables['transformers'].get(k, 0):17.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
@@ -122,6 +204,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--config", default="mid", choices=sorted(CONFIGS))
+    p.add_argument("--same-process", action="store_true", help="ratios from alternating steps in one process")
+    p.add_argument("--profile", action="store_true", help="op-by-op profile of one training step of each")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -133,24 +218,37 @@ def main() -> None:
     import dscoder
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = dscoder.build_model(dscoder.ModelConfig(**CONFIG), seed=0)
+        config = CONFIGS[args.config]
+        model = dscoder.build_model(dscoder.ModelConfig(**config), seed=0)
         dscoder.save_model(model, tmp)  # both implementations load these same weights
         n_params, n_act = model.num_parameters(), model.num_activated_parameters()
         del model
+        import transformers
+
+        head = (f"config {args.config}: hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+                f"{config['n_routed_experts']} experts of {config['moe_intermediate_size']} top-"
+                f"{config['num_experts_per_tok']}, {n_params / 1e6:.1f}M params ({n_act / 1e6:.1f}M activated); "
+                f"batch {args.batch} x seq {args.seq}, {args.dtype}, {args.device}, torch {torch.__version__}, "
+                f"transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+        if args.profile:
+            print(head)
+            profile_step(tmp, args.batch, args.seq, args.device, args.dtype)
+            return
+        if args.same_process:
+            r = same_process(tmp, args.batch, args.seq, args.iters, args.device, args.dtype)
+            print(head + f", median of {args.iters} alternating rounds")
+            for kind in ("train", "prefill"):
+                print(f"{kind:8} dscoder {r[kind]['ours_s']:.3f} s, transformers {r[kind]['theirs_s']:.3f} s: "
+                      f"{r[kind]['ratio']:.2f}x (median per-round ratio, theirs / ours time)")
+            return
         results = {}
         for impl in IMPLS:
             cmd = [sys.executable, __file__, "--worker", impl, "--ckpt", tmp, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--iters", str(args.iters), "--device", args.device, "--dtype", args.dtype]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[impl] = json.loads(out.strip().splitlines()[-1])
-    import transformers
-
     ours = results["dscoder"]
-    print(f"config: hidden {CONFIG['hidden_size']}, {CONFIG['num_hidden_layers']} layers, "
-          f"{CONFIG['n_routed_experts']} experts top-{CONFIG['num_experts_per_tok']}, "
-          f"{n_params / 1e6:.1f}M params ({n_act / 1e6:.1f}M activated); batch {args.batch} x seq {args.seq}, "
-          f"{args.dtype}, {args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"threads {torch.get_num_threads()}, median of {args.iters}")
+    print(head + f", median of {args.iters}")
     rows = [("train fwd+bwd tok/s", "train_tok_s", False), ("prefill tok/s", "prefill_tok_s", False),
             ("train peak MiB", "train_peak_mib", True)]
     print(f"{'':22}" + "".join(f"{name:>19}" for name in IMPLS) + "".join(f"{'ours vs ' + n:>24}" for n in IMPLS[:-1]))
