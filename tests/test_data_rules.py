@@ -71,3 +71,46 @@ def test_decontamination_ignores_layout_but_not_content():
     assert not dec.hit("numbers = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]\n" * 3)
     short = Decontaminator(["assert is_even(42) == True"])  # 4 tokens: must appear whole
     assert short.hit("x = 1\nassert is_even(42)==True\n") and not short.hit("assert is_even(x)\n")
+
+
+# ----- fast paths equal their plain references ---------------------------------------------------------------------
+def _stdlib_sample(n: int = 120) -> list[str]:
+    import sysconfig
+    from pathlib import Path
+
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+
+
+ODD = ["", "abc", "café ünïcode 日本語 e\u0301", "x_1 = 0x1F, 0x2e, 0x3d, 0x4c, 0x5b, 0x6a, 0x79, 0x88, 0x97\n",
+       "\\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07\\x08\\x09", "de ad be ef ca fe ba be 00 11 22", "٣٤٥ １２ ½ Ω",
+       "a" * 70 + "\n" + "QUJD" * 40, "\\u00e9" * 12]
+
+
+def test_alpha_count_and_hex_scan_equal_the_plain_regexes():
+    import re
+
+    from dscoder.data import rules
+
+    plain_hex = re.compile(rules._HEX_PATTERN)
+    for text in _stdlib_sample() + ODD:
+        assert rules.count_alpha(text) == len(rules._ALPHA.findall(text))
+        assert rules.count_alpha(text, alnum=True) == len(rules._ALNUM.findall(text))
+        assert [m.span() for m in rules._HEX.finditer(text)] == [m.span() for m in plain_hex.finditer(text)]
+    assert any(rules._HEX.search(t) for t in ODD)  # the sample holds hex runs
+
+
+def test_minhash_signature_equals_datasketchs_update_batch():
+    hasher = MinHasher()
+    for text in _stdlib_sample(60) + ODD:
+        fast, plain = hasher.signature(text), hasher.signature_reference(text)
+        assert (fast is None and plain is None) or (fast.dtype == plain.dtype and np.array_equal(fast, plain))
+
+
+def test_decontamination_prefilter_changes_no_answer():
+    items = humaneval_items()
+    dec, plain = Decontaminator(items), Decontaminator(items)
+    plain.seen[:] = True  # no prefilter: every query goes to the exact search
+    texts = _stdlib_sample() + ODD + [items[1], "# x\n" + items[4][40:400], items[7][:60]]
+    answers = [dec.hit(t) for t in texts]
+    assert answers == [plain.hit(t) for t in texts] and any(answers) and not all(answers)

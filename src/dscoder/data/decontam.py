@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dscoder.data.ngrams import code_tokens, ngram_hashes, token_hashes
+from dscoder.data.ngrams import hashed_tokens, ngram_hashes
 from dscoder.errors import DscoderError
 from dscoder.io import iter_jsonl
 
@@ -24,7 +24,12 @@ MIN_SHORT = 3
 
 
 def _hashes(text: str) -> np.ndarray:
-    return token_hashes([t for t in code_tokens(text) if len(t) > 1 and not t.isdigit()])
+    """Hashes of the code tokens that count: longer than one character and not a plain number."""
+    tokens, hashes = hashed_tokens(text)
+    n = len(tokens)
+    keep = (np.fromiter(map(len, tokens), dtype=np.int64, count=n) > 1) & \
+        ~np.fromiter(map(str.isdigit, tokens), dtype=bool, count=n)
+    return hashes[keep]
 
 
 def humaneval_items() -> list[str]:
@@ -62,6 +67,10 @@ class Decontaminator:
                 short.setdefault(len(hashes), []).append(ngram_hashes(hashes, len(hashes)))
         self.long = np.unique(np.concatenate(long)) if long else np.zeros(0, dtype=np.uint64)
         self.short = {n: np.unique(np.concatenate(v)) for n, v in short.items()}
+        # a one-sided prefilter: the low bits of every table entry; a query whose bits are unset is in no table
+        self.seen = np.zeros(_FILTER_SIZE, dtype=bool)
+        for table in (self.long, *self.short.values()):
+            self.seen[table & _FILTER_MASK] = True
 
     @classmethod
     def from_sources(cls, humaneval: bool = True, mbpp: str | Path | None = None) -> Decontaminator:
@@ -75,9 +84,16 @@ class Decontaminator:
 
     def hit(self, text: str) -> bool:
         hashes = _hashes(text)
-        if _any_in(ngram_hashes(hashes, N), self.long):
+        if self._any_in(ngram_hashes(hashes, N), self.long):
             return True
-        return any(_any_in(ngram_hashes(hashes, n), table) for n, table in self.short.items())
+        return any(self._any_in(ngram_hashes(hashes, n), table) for n, table in self.short.items())
+
+    def _any_in(self, queries: np.ndarray, sorted_table: np.ndarray) -> bool:
+        return _any_in(queries[self.seen[queries & _FILTER_MASK]], sorted_table)
+
+
+_FILTER_SIZE = 1 << 22
+_FILTER_MASK = np.uint64(_FILTER_SIZE - 1)
 
 
 def _any_in(queries: np.ndarray, sorted_table: np.ndarray) -> bool:

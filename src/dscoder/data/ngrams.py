@@ -13,6 +13,7 @@ import re
 import numpy as np
 import xxhash
 from datasketch import MinHash
+from datasketch.minhash import _fmix  # the finalizer datasketch's affine32 scheme applies first
 
 _TOKEN = re.compile(r"[A-Za-z_0-9]+")
 _MAX_HASH = np.uint64((1 << 32) - 1)
@@ -24,7 +25,19 @@ def code_tokens(text: str) -> list[str]:
 
 
 def token_hashes(tokens: list[str]) -> np.ndarray:
-    return np.fromiter((xxhash.xxh32_intdigest(t.encode()) for t in tokens), dtype=np.uint64, count=len(tokens))
+    return np.fromiter(map(xxhash.xxh32_intdigest, map(str.encode, tokens)), dtype=np.uint64, count=len(tokens))
+
+
+_last: list = [None, None]  # the last text given to hashed_tokens (kept alive, so `is` identifies it) and its result
+
+
+def hashed_tokens(text: str) -> tuple[list[str], np.ndarray]:
+    """``(code_tokens(text), token_hashes(...))``, remembered for the last text: decontamination and the MinHash
+    signature of one document tokenize it once."""
+    if _last[0] is not text:
+        tokens = code_tokens(text)
+        _last[:] = text, (tokens, token_hashes(tokens))
+    return _last[1]
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
@@ -43,17 +56,37 @@ def _identity(x):
 
 
 class MinHasher:
-    """datasketch MinHash (its default ``affine32`` scheme) over 5-gram shingles of code tokens."""
+    """datasketch MinHash (its default ``affine32`` scheme) over 5-gram shingles of code tokens.
+
+    The signature is datasketch's ``update_batch`` arithmetic done here with the permutations drawn once (datasketch
+    draws them for every MinHash and hashes its input in a Python loop): the MurmurHash3 finalizer of each shingle,
+    ``a * h + b`` modulo 2^32 per permutation, the minimum over shingles (tests check it against datasketch).
+    """
 
     def __init__(self, num_perm: int = 256, ngram: int = 5, seed: int = 42):
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed
+        reference = MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity)
+        assert reference.scheme == "affine32"
+        self._permutations = reference.permutations
+        self._a, self._b = (np.asarray(p, dtype=np.uint32) for p in reference.permutations)
+        self._empty = reference.hashvalues.copy()
 
     def signature(self, text: str) -> np.ndarray | None:
         """``[num_perm]`` hash values, or None for files with fewer than ``ngram`` tokens (not deduped)."""
-        return self.signature_of_hashes(token_hashes(code_tokens(text)))
+        return self.signature_of_hashes(hashed_tokens(text)[1])
 
     def signature_of_hashes(self, hashes: np.ndarray) -> np.ndarray | None:
         shingles = ngram_hashes(hashes, self.ngram)
+        if len(shingles) == 0:
+            return None
+        hv = _fmix(np.unique((shingles & _MAX_HASH).astype(np.uint32)), 32)[:, None]
+        permuted = np.multiply(hv, self._a)  # [shingles, num_perm], wrapping modulo 2^32
+        permuted += self._b
+        return np.minimum(self._empty, permuted.min(axis=0))
+
+    def signature_reference(self, text: str) -> np.ndarray | None:
+        """:meth:`signature` through datasketch's own ``MinHash.update_batch`` (the plain path, for tests)."""
+        shingles = ngram_hashes(token_hashes(code_tokens(text)), self.ngram)
         if len(shingles) == 0:
             return None
         m = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=_identity)
@@ -61,4 +94,6 @@ class MinHasher:
         return m.hashvalues
 
     def to_datasketch(self, hashvalues: np.ndarray) -> MinHash:
-        return MinHash(num_perm=self.num_perm, seed=self.seed, hashvalues=hashvalues, scheme="affine32")
+        # the permutations given, or datasketch draws them again for every MinHash
+        return MinHash(num_perm=self.num_perm, seed=self.seed, hashvalues=hashvalues, scheme="affine32",
+                       permutations=self._permutations)
