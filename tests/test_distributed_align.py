@@ -55,3 +55,26 @@ def test_sft_under_torchrun_equals_one_process(chat_data, tmp_path, parallel):
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["parallel"]["strategy"] == (parallel[0].split("=")[1] if parallel else "ddp")
     assert (tmp_path / "two" / "hf" / "config.json").is_file()
+
+
+def _grpo_args() -> list[str]:
+    # two mini-batches per pass and two passes: the sampling policy's log-probabilities, the ratio and the clip are
+    # all exercised; the rollouts (64 completions) are generated half on each rank
+    return ["train.steps=3", "train.warmup_steps=1", "train.ckpt_every=3", "grpo.mini_batches=2",
+            "grpo.updates_per_batch=2", "grpo.loss_type=token"]
+
+
+@pytest.mark.parametrize("parallel", [[], ["parallel.strategy=fsdp", "parallel.ep=2"]], ids=["ddp", "fsdp+ep"])
+def test_grpo_under_torchrun_equals_one_process(tmp_path, parallel):
+    grpo(align_recipe("grpo", *_grpo_args()), tmp_path / "one")
+    proc = torchrun("train", "grpo", "--config", "grpo-tiny", "--out", str(tmp_path / "two"), *_grpo_args(),
+                    *parallel)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = jsonl_rows(tmp_path / "one" / "metrics.jsonl"), jsonl_rows(tmp_path / "two" / "metrics.jsonl")
+    assert len(one) == len(two) == 3
+    # the same completions (each sampled with its own seed, whichever rank draws it) and the same updates
+    for key in ("reward_mean", "response_length", "pass_rate"):
+        assert [r[key] for r in one] == [r[key] for r in two], key
+    for key in ("loss", "kl", "clip_frac", "grad_norm"):
+        assert max(abs(a[key] - b[key]) for a, b in zip(one, two)) <= 1e-4, (key, one, two)
+    assert (tmp_path / "two" / "hf" / "config.json").is_file()

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from dscoder.align.recipe import AlignConfig, build_policy, load_tokenizer, open_run, policy_config
+from dscoder.align.recipe import (AlignConfig, all_gather, all_sum, build_policy, clip_for, finish, load_tokenizer,
+                                  open_run, parallelize, policy_config, rank_share, setup_distributed)
 from dscoder.errors import ConfigError, DscoderError
 from dscoder.io import read_jsonl
 from dscoder.train.optim import lr_factor, optimizer_for
@@ -63,12 +64,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, *, epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
-              loss_type: str = "grpo", max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+              loss_type: str = "grpo", max_completion_length: int | None = None, n_seqs: int | None = None,
+              n_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO objective as a loss to minimise.
 
     ``logp, old_logp, ref_logp, mask``: ``[N, L]`` per-token log-probabilities of the sampled tokens under the
     current, sampling and reference policies, and 1 on completion tokens; ``advantages``: ``[N]``. Returns the loss
-    and ``{"kl", "clip_frac"}`` (means over completion tokens; kl is 0 without a reference)."""
+    and ``{"kl", "clip_frac"}`` (means over completion tokens; kl is 0 without a reference).
+
+    ``n_seqs`` and ``n_tokens``: the completions and completion tokens of the whole batch when these ``N`` rows are
+    one rank's share of it (torchrun): the loss and the stats are then this share's part of the batch's, and the
+    ranks' parts add up to the one-process values."""
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"grpo.loss_type: expected one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     mask = mask.to(logp.dtype)
@@ -82,12 +88,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
-    n_tokens = mask.sum().clamp(min=1)
+    n_seqs = logp.shape[0] if n_seqs is None else n_seqs
+    n_tokens = mask.sum().clamp(min=1) if n_tokens is None else max(float(n_tokens), 1.0)
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / n_seqs
     elif loss_type == "dr_grpo":
         width = max_completion_length if max_completion_length is not None else logp.shape[1]
-        loss = (per_token * mask).sum() / (logp.shape[0] * width)
+        loss = (per_token * mask).sum() / (n_seqs * width)
     else:
         loss = (per_token * mask).sum() / n_tokens
     is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
@@ -223,17 +230,28 @@ def load_prompts(config: AlignConfig, tokenizer) -> list[dict]:
 
 
 # ----- rollouts --------------------------------------------------------------------------------------------------
-def rollout(engine, items: list[dict], group_size: int, g: GRPOSection, seed: int, stop: tuple) -> list:
-    """``group_size`` completions of each item (consecutive), each with its own seed, through the engine."""
+def rollout(engine, items: list[dict], group_size: int, g: GRPOSection, seed: int, stop: tuple,
+            share: slice = slice(None)) -> list:
+    """``group_size`` completions of each item (consecutive), each with its own seed, through the engine; only the
+    ``share`` of the ``len(items) * group_size`` completions (a rank's part under torchrun: the seeds are those of
+    the same completions in one process)."""
     from dscoder.engine.sampling import SamplingParams
 
     seqs = []
-    for i, item in enumerate(items):
-        for j in range(group_size):
-            params = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                    seed=(seed * 1_000_003 + i * 1009 + j) & 0x7FFFFFFF, stop=stop)
-            seqs.append(engine.submit(item["ids"], params))
+    for n in range(len(items) * group_size)[share]:
+        i, j = divmod(n, group_size)
+        params = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                seed=(seed * 1_000_003 + i * 1009 + j) & 0x7FFFFFFF, stop=stop)
+        seqs.append(engine.submit(items[i]["ids"], params))
     return engine.wait(seqs)
+
+
+def gather_completions(local: list, d) -> list:
+    """Every rank's completions (token ids and text), in rank order: the whole batch on every rank."""
+    from types import SimpleNamespace
+
+    parts = all_gather([(c.token_ids, c.text) for c in local], d)
+    return [SimpleNamespace(token_ids=ids, text=text) for part in parts for ids, text in part]
 
 
 def batch_tensors(items: list[dict], completions: list, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,8 +286,9 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
     mcfg = policy_config(config, None if builtin is not None else tokenizer)
     if builtin is None:
         check_context(d.max_prompt_len + g.max_new_tokens, mcfg, "data.max_prompt_len + grpo.max_new_tokens")
-    run = open_run(config, out, resume, tokenizer)
-    model = build_policy(config, None if builtin is not None else tokenizer, mcfg=mcfg)
+    dist_ = setup_distributed(config, mcfg.n_routed_experts)
+    run = open_run(config, out, resume, tokenizer, main=dist_.main)
+    model = build_policy(config, None if builtin is not None else tokenizer, mcfg=mcfg, device=dist_.device)
     if builtin is not None and model.config.vocab_size < builtin.vocab_size:
         raise ConfigError(f"the built-in task needs a vocabulary of at least {builtin.vocab_size} tokens")
     rewarder = Rewarder(config, model.config.vocab_size, builtin)
@@ -277,21 +296,29 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
     if g.beta > 0:
         ref = copy.deepcopy(model).eval()
         ref.requires_grad_(False)
+    # the engine samples with a plain model: DDP's own module, or (FSDP2, EP: sharded weights) a full copy that
+    # takes the trained weights before every rollout
+    copied = dist_.world > 1 and (config.parallel.strategy == "fsdp" or config.parallel.ep > 1)
+    sampler = copy.deepcopy(model) if copied else model
+    model = parallelize(model, config, dist_)
     optimizer = optimizer_for(model, t)
-    extra = run.restore(model, optimizer, resume)
+    extra = run.restore(model, optimizer, resume, expected=lambda meta: sampler.config.to_hf_dict())
     step = extra["step"] if extra else 0
     updates_per_step = g.updates_per_batch * g.mini_batches
     total_updates = t.steps * updates_per_step
-    eos = model.config.eos_token_id if builtin is not None else tokenizer.eos_id
+    eos = sampler.config.eos_token_id if builtin is not None else tokenizer.eos_id
     pad = builtin.pad if builtin is not None else tokenizer.pad_id
     stop = () if builtin is not None else tuple(g.stop)
-    max_len = min(model.config.max_position_embeddings,
+    max_len = min(sampler.config.max_position_embeddings,
                   (len(builtin.prompt(random.Random(0))["ids"]) if builtin else d.max_prompt_len) + g.max_new_tokens)
-    engine = Engine(model, tokenizer=tokenizer, max_batch_size=min(g.prompts_per_step * g.group_size, 256),
-                    max_len=max_len)
+    n_seqs = g.prompts_per_step * g.group_size
+    mine = rank_share(n_seqs, dist_, "grpo.prompts_per_step x grpo.group_size")  # this rank's rollouts
+    parts = list(torch.arange(n_seqs).chunk(g.mini_batches))
+    shares = [part[rank_share(len(part), dist_, "the sequences of a mini-batch")] for part in parts]
+    engine = Engine(sampler, tokenizer=tokenizer, max_batch_size=min(mine.stop - mine.start, 256), max_len=max_len)
     summary: dict[str, Any] = {}
     stop_at = t.steps if max_steps is None else min(t.steps, max_steps)
-    device = model.lm_head.weight.device
+    device = dist_.device
     with engine, run.progress("grpo", t.steps, step) as bar:
         while step < stop_at:
             rng = random.Random(t.seed * 1_000_003 + step)
@@ -300,36 +327,48 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
             else:
                 chosen = [items[rng.randrange(len(items))] for _ in range(g.prompts_per_step)]
             grouped = [it for it in chosen for _ in range(g.group_size)]
+            if copied:
+                _refresh(sampler, model)
             t0 = time.perf_counter()
             model.eval()
-            completions = rollout(engine, chosen, g.group_size, g, t.seed * 7919 + step, stop)
+            local = rollout(engine, chosen, g.group_size, g, t.seed * 7919 + step, stop, mine)
             rollout_s = time.perf_counter() - t0
-            rewards, passed = rewarder(grouped, completions, eos)
+            # each rank scores its own completions (sandbox runs spread over the ranks), then all see the batch
+            rewards, passed = rewarder(grouped[mine], local, eos)
+            completions = gather_completions(local, dist_)
+            rewards = [r for part in all_gather(rewards, dist_) for r in part]
+            passed = [p for part in all_gather(passed, dist_) for p in part]
             reward_t = torch.tensor(rewards)
             adv = group_advantages(reward_t, g.group_size, g.scale_rewards)
-            ids, mask = batch_tensors(grouped, completions, pad)
+            ids, mask = batch_tensors(grouped, completions, pad)  # the whole batch, padded as one process pads it
+            ids = ids.to(device)
             t1 = time.perf_counter()
             model.train()
             with torch.no_grad(), autocast(t.dtype, device):
-                old = token_logprobs(model, ids, g.temperature)[0] if updates_per_step > 1 else None
-                ref_logp = token_logprobs(ref, ids, g.temperature)[0] if ref is not None else None
+                old = [token_logprobs(model, ids[rows], g.temperature)[0] if updates_per_step > 1 else None
+                       for rows in shares]
+                ref_logp = [token_logprobs(ref, ids[rows], g.temperature)[0] if ref is not None else None
+                            for rows in shares]
             losses, stats_sum, grad_norm, lr = [], {"kl": 0.0, "clip_frac": 0.0}, 0.0, 0.0
-            order = torch.arange(ids.shape[0])
             for it in range(g.updates_per_batch):
-                for part in order.chunk(g.mini_batches):
+                for k, (part, rows) in enumerate(zip(parts, shares)):
                     with autocast(t.dtype, device):
-                        logp, aux = token_logprobs(model, ids[part], g.temperature)
-                    loss, stats = grpo_loss(logp, old[part] if old is not None else logp.detach(),
-                                            ref_logp[part] if ref_logp is not None else None, adv[part], mask[part],
-                                            epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
-                                            loss_type=g.loss_type, max_completion_length=g.max_new_tokens)
-                    (loss + (aux if aux is not None else 0.0)).backward()
+                        logp, aux = token_logprobs(model, ids[rows], g.temperature)
+                    loss, stats = grpo_loss(logp, old[k] if old[k] is not None else logp.detach(), ref_logp[k],
+                                            adv[rows].to(device), mask[rows].to(device), epsilon=g.epsilon,
+                                            epsilon_high=g.epsilon_high, beta=g.beta, loss_type=g.loss_type,
+                                            max_completion_length=g.max_new_tokens, n_seqs=len(part),
+                                            n_tokens=float(mask[part].sum()))
+                    # this rank's part of the mini-batch's loss; DDP and FSDP2 average the ranks' gradients
+                    (loss * dist_.world + (aux if aux is not None else 0.0)).backward()
                     k = step * updates_per_step + len(losses)
                     lr = t.lr * lr_factor(k, t.warmup_steps, total_updates, t.min_lr_ratio)
-                    grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1, loss=loss.item())
-                    losses.append(loss.item())
-                    for key in stats_sum:
-                        stats_sum[key] += stats[key] / updates_per_step
+                    loss_value, kl, clip_frac = all_sum([loss.item(), stats["kl"], stats["clip_frac"]], dist_)
+                    grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1, clip=clip_for(config),
+                                               loss=loss_value)
+                    losses.append(loss_value)
+                    stats_sum["kl"] += kl / updates_per_step
+                    stats_sum["clip_frac"] += clip_frac / updates_per_step
             update_s = time.perf_counter() - t1
             step += 1
             n_tokens = sum(len(c.token_ids) for c in completions)
@@ -342,6 +381,14 @@ def grpo(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: 
             summary["last"] = row
             bar.update(reward=row["reward_mean"], kl=row["kl"])
             run.end_step(step, stop_at, t, row, model, optimizer)
-    if step == t.steps and t.export:
+    if finish(dist_) and step == t.steps and t.export:
         summary["export"] = str(run.export())
     return summary
+
+
+def _refresh(sampler, model) -> None:
+    """The trained weights (FSDP2 shards, EP experts) gathered in full into the sampling copy (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    sampler.load_state_dict(full)
