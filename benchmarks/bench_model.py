@@ -205,11 +205,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--config", default="mid", choices=sorted(CONFIGS))
+    p.add_argument("--threads", type=int, help="torch threads (1 keeps a loaded machine's timings steadier)")
     p.add_argument("--same-process", action="store_true", help="ratios from alternating steps in one process")
     p.add_argument("--profile", action="store_true", help="op-by-op profile of one training step of each")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, args.ckpt, args.batch, args.seq, args.iters, args.device,
                                 args.dtype)))
@@ -244,7 +247,8 @@ def main() -> None:
         results = {}
         for impl in IMPLS:
             cmd = [sys.executable, __file__, "--worker", impl, "--ckpt", tmp, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--iters", str(args.iters), "--device", args.device, "--dtype", args.dtype]
+                   "--seq", str(args.seq), "--iters", str(args.iters), "--device", args.device, "--dtype", args.dtype,
+                   *(["--threads", str(args.threads)] if args.threads else [])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[impl] = json.loads(out.strip().splitlines()[-1])
     ours = results["dscoder"]
