@@ -47,9 +47,11 @@ def corpora(tmp_path_factory):
 def test_damaged_corpus_ranks_below_the_real_one(corpora, tmp_path):
     real, shuffled, heldout = corpora
     out = tmp_path / "ab"
+    # lr 1e-2: after 16 steps the real corpus is clearly ahead (about 256 against 477; at the recipe's 3e-3 the
+    # two are still within 5%, and after 4 steps the order can even be the other way)
     table = ablate({"real": real, "shuffled": shuffled}, out, tokens=4000, seq_len=64, micro_batch=4,
-                   heldout=[heldout], limit=1, max_tokens=8)
-    assert table["real"]["heldout_perplexity"] < table["shuffled"]["heldout_perplexity"], table
+                   heldout=[heldout], limit=1, max_tokens=8, overrides=["train.lr=1e-2"])
+    assert table["real"]["heldout_perplexity"] < 0.8 * table["shuffled"]["heldout_perplexity"], table
     saved = json.loads((out / "ablation.json").read_text())
     for name in ("real", "shuffled"):
         assert {"heldout_perplexity", "fim_exact_match", "humaneval_pass@1"} <= set(saved[name])
