@@ -4,7 +4,9 @@ Five stages, each a datatrove pipeline run by a local, Slurm or Ray executor (re
 completion marker under ``OUT/logs/STAGE/`` and is skipped on rerun):
 
 1. ``filter`` (N tasks): read this task's documents → binary / UTF-8 / size checks → language id (go-enry),
-   vendored and generated files → quality rules → decontamination → content hash and MinHash signature.
+   vendored and generated files → quality rules → decontamination → content hash and MinHash signature. Text
+   documents (``kind = "text"``, and every WARC page) skip language id and the code rules: the generic rules, then
+   datatrove's Gopher, C4 and FineWeb quality filters (:mod:`dscoder.data.text`).
 2. ``dedup`` (1 task): exact duplicates by content hash, near duplicates by MinHash LSH (Jaccard ≥ 0.7 on 5-gram
    shingles of code tokens, 256 permutations → 25 bands × 10 rows); one file per cluster is kept (the first in
    source order).
