@@ -78,3 +78,21 @@ def test_grpo_under_torchrun_equals_one_process(tmp_path, parallel):
     for key in ("loss", "kl", "clip_frac", "grad_norm"):
         assert max(abs(a[key] - b[key]) for a, b in zip(one, two)) <= 1e-4, (key, one, two)
     assert (tmp_path / "two" / "hf" / "config.json").is_file()
+
+
+def test_reward_under_torchrun_equals_one_process(tmp_path):
+    """The reward model on 2 ranks with FSDP2 (the pairs made by rank 0 and shared, each rank scoring half of the
+    global batch): the losses and gradient norms of one process; the full reward model is written once."""
+    from dscoder.align.reward import load_reward_model, train_reward
+
+    args = ["train.steps=3", "train.warmup_steps=1", "train.ckpt_every=3", "train.grad_accum=2"]
+    train_reward(align_recipe("reward", *args, "train.micro_batch=8"), tmp_path / "one")
+    proc = torchrun("train", "reward", "--config", "reward-tiny", "--out", str(tmp_path / "two"), *args,
+                    "train.micro_batch=4", "parallel.strategy=fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = jsonl_rows(tmp_path / "one" / "metrics.jsonl"), jsonl_rows(tmp_path / "two" / "metrics.jsonl")
+    assert len(one) == len(two) == 3
+    for key in ("loss", "accuracy", "grad_norm", "heldout_accuracy"):
+        assert max(abs(a.get(key, 0) - b.get(key, 0)) for a, b in zip(one, two)) <= 1e-4, (key, one, two)
+    a, b = load_reward_model(tmp_path / "one" / "reward_model"), load_reward_model(tmp_path / "two" / "reward_model")
+    assert max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values())) < 1e-4

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dscoder.align.recipe import AlignConfig, build_policy, load_tokenizer, open_run, policy_config
+from dscoder.align.recipe import (AlignConfig, all_gather, all_sum, build_policy, clip_for, finish, load_tokenizer,
+                                  open_run, parallelize, policy_config, rank_share, setup_distributed)
 from dscoder.config import ModelConfig
 from dscoder.errors import ConfigError, DscoderError
 from dscoder.io import atomic_write, read_jsonl, write_json, write_jsonl
@@ -51,6 +52,12 @@ class RewardModel(DeepseekV2):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.score = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, *args, lengths: torch.Tensor | None = None, **kwargs):
+        """The LM's forward; with ``lengths``, ``(rewards [B], balance loss)`` (the call DDP and FSDP2 see)."""
+        if lengths is None:
+            return super().forward(input_ids, *args, **kwargs)
+        return self.rewards_and_aux(input_ids, lengths)
 
     def rewards(self, ids_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
         return self.rewards_and_aux(ids_BT, lengths_B)[0]
@@ -75,8 +82,10 @@ class RewardModel(DeepseekV2):
         return out
 
 
-def pad_right(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
+def pad_right(seqs: list[list[int]], pad: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[B, max(T, length)]`` ids and the lengths (``length``: a whole batch's width, for a rank's
+    share of it: the balance loss sees the pad tokens too)."""
+    T = max(length, max(len(s) for s in seqs))
     return (torch.tensor([s + [pad] * (T - len(s)) for s in seqs], dtype=torch.long),
             torch.tensor([len(s) for s in seqs], dtype=torch.long))
 
@@ -269,20 +278,23 @@ def split_heldout(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[P
     return [p for p in pairs if p.group not in held], [p for p in pairs if p.group in held]
 
 
-def pair_batch(pairs: list[Pair], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids, lengths = pad_right([p.chosen for p in pairs] + [p.rejected for p in pairs], pad)
+def pair_batch(pairs: list[Pair], pad: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, lengths = pad_right([p.chosen for p in pairs] + [p.rejected for p in pairs], pad, length)
     return ids, lengths, torch.tensor([p.margin for p in pairs])
 
 
 @torch.no_grad()
-def pairwise_accuracy(model: RewardModel, pairs: list[Pair], batch: int = 16, pad: int = 0) -> dict[str, float]:
+def pairwise_accuracy(model: RewardModel, pairs: list[Pair], batch: int = 16, pad: int = 0,
+                      device=None) -> dict[str, float]:
+    """Held-out accuracy and mean margin (through the model's forward: every rank of a torchrun evaluates all)."""
     was = model.training
     model.eval()
     right, margins = 0, []
+    device = device or next(model.parameters()).device
     for i in range(0, len(pairs), batch):
         chunk = pairs[i:i + batch]
         ids, lengths, _ = pair_batch(chunk, pad)
-        r = model.rewards(ids, lengths)
+        r = model(ids.to(device), lengths=lengths.to(device))[0]
         rc, rr = r[:len(chunk)], r[len(chunk):]
         right += int((rc > rr).sum())
         margins += (rc - rr).tolist()
@@ -333,55 +345,90 @@ def train_reward(config: AlignConfig, out: str | Path, resume: bool = False,
     if not 0 <= d.heldout_fraction < 1:
         raise ConfigError("data.heldout_fraction: expected a number in [0, 1)")
     tokenizer = load_tokenizer(config, required=d.problems != "builtin")
-    run = open_run(config, out, resume, tokenizer)
+    dist_ = setup_distributed(config, policy_config(config, tokenizer).n_routed_experts)
+    run = open_run(config, out, resume, tokenizer, main=dist_.main)
     if tokenizer is None:  # the built-in problems: a small BPE trained on them, kept in the run as its tokenizer
+        if dist_.main:
+            builtin_tokenizer(out)
+        all_gather(None, dist_)  # (rank 0 has written it)
         tokenizer = builtin_tokenizer(out)
     mcfg = policy_config(config, tokenizer)
     check_context(d.max_len, mcfg, "data.max_len")
-    model = build_policy(config, tokenizer, model_cls=RewardModel, mcfg=mcfg)
+    model = build_policy(config, tokenizer, model_cls=RewardModel, mcfg=mcfg, device=dist_.device)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's")
-    pairs, stats = load_pairs(config, tokenizer, model, out)
+    # rank 0 makes the pairs (sampling, sandbox runs) and shares them
+    pairs, stats = all_gather(load_pairs(config, tokenizer, model, out) if dist_.main else None, dist_)[0]
     train_pairs, held = split_heldout(pairs, d.heldout_fraction, t.seed)
     if not train_pairs:
         raise DscoderError(f"{stats['source']}: no preference pairs to train on (no problem has both a passing and "
                            f"a failing program)" if d.problems else f"{d.pairs}: no pairs")
+    plain = model
+    model = parallelize(model, config, dist_)
     optimizer = optimizer_for(model, t)
-    extra = run.restore(model, optimizer, resume)
+    extra = run.restore(model, optimizer, resume, expected=lambda meta: plain.config.to_hf_dict())
     step, rng = (extra["step"] if extra else 0), random.Random(t.seed)
+    mine = rank_share(t.micro_batch * dist_.world, dist_, "pairs per step")
     pad = tokenizer.pad_id
     summary: dict[str, Any] = {**stats, "train_pairs": len(train_pairs), "heldout_pairs": len(held)}
     if held:
-        summary["heldout_accuracy_start"] = pairwise_accuracy(model, held, pad=pad)["accuracy"]
+        summary["heldout_accuracy_start"] = pairwise_accuracy(model, held, pad=pad, device=dist_.device)["accuracy"]
     stop = t.steps if max_steps is None else min(t.steps, max_steps)
     with run.progress("reward", t.steps, step) as bar:
         while step < stop:
             t0 = time.perf_counter()
             rng.seed(t.seed * 1000003 + step)  # the batch depends on the step only, so resume is exact
             loss_sum = acc_sum = 0.0
-            for _ in range(t.grad_accum):
-                chunk = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(t.micro_batch)]
-                ids, lengths, margins = pair_batch(chunk, pad)
-                with autocast(t.dtype, model.score.weight.device):
-                    r, aux = model.rewards_and_aux(ids, lengths)
-                rc, rr = r[:len(chunk)], r[len(chunk):]
-                loss = bradley_terry_loss(rc, rr, margins + m.margin, m.center)
-                aux = aux if aux is not None else torch.zeros(())
-                ((loss + aux) / t.grad_accum).backward()
+            for k in range(t.grad_accum):
+                # the global batch (micro_batch pairs per rank), drawn as one process draws it; this rank's pairs
+                drawn = [train_pairs[rng.randrange(len(train_pairs))] for _ in range(t.micro_batch * dist_.world)]
+                chunk = drawn[mine]
+                width = max(len(s) for p in drawn for s in (p.chosen, p.rejected))  # padded as one process pads
+                ids, lengths, margins = pair_batch(chunk, pad, width)
+                with _grad_sync(model, k == t.grad_accum - 1), autocast(t.dtype, dist_.device):
+                    r, aux = model(ids.to(dist_.device), lengths=lengths.to(dist_.device))
+                    rc, rr = r[:len(chunk)], r[len(chunk):]
+                    loss = bradley_terry_loss(rc, rr, margins.to(dist_.device) + m.margin, m.center)
+                    aux = aux if aux is not None else torch.zeros((), device=dist_.device)
+                    ((loss + aux) / t.grad_accum).backward()  # the ranks' means of equal shares: DDP averages
                 loss_sum += loss.item() / t.grad_accum
                 acc_sum += (rc > rr).float().mean().item() / t.grad_accum
+            loss_sum, acc_sum = (v / dist_.world for v in all_sum([loss_sum, acc_sum], dist_))
             lr = t.lr * lr_factor(step, t.warmup_steps, t.steps, t.min_lr_ratio)
-            grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1, loss=loss_sum)
+            grad_norm = optimizer_step(model, optimizer, lr, t.grad_clip, step + 1, clip=clip_for(config),
+                                       loss=loss_sum)
             step += 1
             row = {"step": step, "loss": loss_sum, "accuracy": acc_sum, "grad_norm": grad_norm, "lr": lr,
                    "seconds": time.perf_counter() - t0}
             if held and ((m.eval_every and step % m.eval_every == 0) or step == t.steps):
-                ev = pairwise_accuracy(model, held, pad=pad)
+                ev = pairwise_accuracy(model, held, pad=pad, device=dist_.device)
                 row.update(heldout_accuracy=ev["accuracy"], heldout_margin=ev["reward_margin"])
                 summary["heldout_accuracy"] = ev["accuracy"]
             summary.update(step=step, loss=loss_sum)
             bar.update(loss=loss_sum)
             run.end_step(step, stop, t, row, model, optimizer)
-    if step == t.steps and t.export:
-        summary["reward_model"] = str(save_reward_model(model, out / "reward_model", tokenizer))
+    full = _full_model(model, plain, mcfg, dist_) if step == t.steps and t.export else None
+    if finish(dist_) and full is not None:
+        summary["reward_model"] = str(save_reward_model(full, out / "reward_model", tokenizer))
     return summary
+
+
+def _grad_sync(model, sync: bool):
+    from dscoder.train.pretrain import grad_sync
+
+    return grad_sync(model, sync)
+
+
+def _full_model(model, plain: RewardModel, mcfg: ModelConfig, d) -> RewardModel | None:
+    """The trained reward model whole on rank 0 (collective): ``plain`` itself in one process and under DDP; under
+    FSDP2 or EP the gathered full weights in a fresh model (None on the other ranks)."""
+    if d.world == 1 or not any(hasattr(p, "device_mesh") for p in model.parameters()):
+        return plain
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return None
+    fresh = RewardModel(mcfg)
+    fresh.load_state_dict(state)
+    return fresh
