@@ -40,7 +40,10 @@ FRAGMENTS = [
 
 def fuzz_texts(n: int = 1500, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    texts = ["", " ", "\n", "\r\n", "  \n  \n", "x\n  \n  y", "a \n\tb", "1234567", "\n    \n\nfoo"]
+    texts = ["", " ", "\n", "\r\n", "  \n  \n", "x\n  \n  y", "a \n\tb", "1234567", "\n    \n\nfoo",
+             # indents before a word, a symbol, a digit, a tab, an added token, a control character
+             "  x", "\t\tfoo", " \tbar", "    (", "\t\t)", "   12", "  \t", "x\n    <｜fim▁begin｜>y",
+             f"\n  {BOS_TOKEN}", "    <|EOT|>", "  \x01a", "  \x0bz", "\n\t  \t\x0c;"]
     ascii_fragments = [f for f in FRAGMENTS if f.isascii()]  # ASCII texts take the regex translation throughout
     for pool in (FRAGMENTS, ascii_fragments):
         texts += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 60))) for _ in range(n)]

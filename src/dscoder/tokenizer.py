@@ -409,8 +409,17 @@ _LETTER_RUN = re.compile("[^A-Za-z]*[A-Za-z]*")  # ends after each run of letter
 # Python whitespace that is not a line break: stripped to find a line's first character (a superset of the regex's
 # \s, so a line whose first remaining character is not whitespace starts after a piece boundary)
 _INDENT = "\t\x0b\x0c\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-# Lines, each with the lines after it that do not start, past their indent, with a non-space character.
-_LINES = re.compile(rf"[^\n]*(?:\n(?![{_INDENT}]*\S)[^\n]*)*(?:\n|\Z)")
+
+
+def _lines_pattern(added: list[str]) -> re.Pattern:
+    """Lines, each with the lines after it that do not start, past their indent, with a non-space character; and a
+    line's indent but its last character, when the indent is followed by an ASCII character that is not a digit and
+    does not start an added token (the split's "\\s+(?!\\S)" takes the indent less one character, and that one joins
+    the word after it or stands alone; before a digit, or an added token, the indent is one piece), so a line is the
+    same key at every depth."""
+    starts = {t[0] for t in added if t}
+    after = "".join(re.escape(c) for c in map(chr, range(0x21, 0x7F)) if not c.isdigit() and c not in starts)
+    return re.compile(rf"[ \t]+(?=[ \t][{after}])|[^\n]*(?:\n(?![{_INDENT}]*\S)[^\n]*)*(?:\n|\Z)")
 
 
 def deepseek_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -463,7 +472,10 @@ class FastEncoder:
 
     def __init__(self, backend: BackendTokenizer, added: list[str], shared: FastEncoder | None = None):
         self.backend = backend
-        self.added = re.compile("|".join(map(re.escape, added))) if added else None
+        self.added_tokens = added
+        ascii_added = [t for t in added if t.isascii()]
+        self.added = re.compile("|".join(map(re.escape, ascii_added))) if ascii_added else None
+        self.line_pattern = _lines_pattern(added)
         self.lines = _CachedDict(self._line_ids)  # a line may hold a non-ASCII special token: one cache per backend
         if shared is not None:
             self.runs, self.pieces = shared.runs, shared.pieces
@@ -474,7 +486,7 @@ class FastEncoder:
 
     def sibling(self, backend: BackendTokenizer) -> FastEncoder:
         """The encoder of another copy of the same tokenizer (other added-token flags), sharing the ASCII caches."""
-        return FastEncoder(backend, [] if self.added is None else self.added.pattern.split("|"), shared=self)
+        return FastEncoder(backend, self.added_tokens, shared=self)
 
     @classmethod
     def build(cls, backend: BackendTokenizer) -> FastEncoder | None:
@@ -494,14 +506,13 @@ class FastEncoder:
         last = steps[-1]
         if last.get("type") != "ByteLevel" or last.get("add_prefix_space") or last.get("use_regex"):
             return None
-        added = [t["content"] for t in spec.get("added_tokens") or [] if t["content"].isascii()]
-        return cls(backend, added)
+        return cls(backend, [t["content"] for t in spec.get("added_tokens") or []])
 
     def encode(self, text: str) -> list[int] | None:
         """The ids, or None when the library must encode this text (it holds an ASCII added token)."""
         if self.added is not None and self.added.search(text):
             return None
-        return list(chain.from_iterable(map(self.lines.__getitem__, filter(None, _LINES.findall(text)))))
+        return list(chain.from_iterable(map(self.lines.__getitem__, filter(None, self.line_pattern.findall(text)))))
 
     def _line_ids(self, chunk: str) -> tuple[int, ...]:
         if not chunk.isascii():
