@@ -96,3 +96,24 @@ def test_reward_under_torchrun_equals_one_process(tmp_path):
         assert max(abs(a.get(key, 0) - b.get(key, 0)) for a, b in zip(one, two)) <= 1e-4, (key, one, two)
     a, b = load_reward_model(tmp_path / "one" / "reward_model"), load_reward_model(tmp_path / "two" / "reward_model")
     assert max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values())) < 1e-4
+
+
+def test_parallel_settings_that_cannot_run_are_one_line(chat_data, tmp_path, capsys):
+    """ep that the world does not divide (every rank says so), EP in one process, rows that do not split evenly."""
+    from dscoder.align.recipe import rank_share
+    from dscoder.cli import main
+    from dscoder.errors import ConfigError
+    from dscoder.train.pretrain import Dist
+
+    proc = torchrun("train", "sft", "--config", "sft-tiny", "--out", str(tmp_path / "r"), *_sft_args(chat_data),
+                    "parallel.ep=3")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dscoder:")]
+    assert len(lines) == 2 and set(lines) == {"dscoder: error: parallel.ep = 3: must divide the number of processes "
+                                              "(2)"}, proc.stderr[-2000:]
+    assert main(["train", "grpo", "--config", "grpo-tiny", "--out", str(tmp_path / "g"), "parallel.ep=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "dscoder: error: parallel.ep = 2: expert parallelism needs torchrun"
+    with pytest.raises(ConfigError, match="= 6 does not split evenly over 4 processes"):
+        rank_share(6, Dist(1, 4, 1, "cpu"), "rows per step")
+    assert rank_share(8, Dist(1, 4, 1, "cpu"), "rows per step") == slice(2, 4)

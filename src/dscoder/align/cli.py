@@ -17,7 +17,9 @@ def _common(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the run's newest intact checkpoint (damaged ones are skipped with a warning)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides of the recipe, e.g. train.steps=100 data.path=chat.jsonl")
+                   help="dotted overrides of the recipe, before or after the options, e.g. train.steps=100 "
+                        "data.path=chat.jsonl; under torchrun parallel.strategy=ddp|fsdp and parallel.ep=N "
+                        "(train.micro_batch is per rank)")
 
 
 def train_sft(args: argparse.Namespace) -> int:

@@ -218,6 +218,8 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     from dscoder.tokenizer import Tokenizer
 
     d = setup_distributed()
+    if d.world > 1 and config.parallel.strategy == "none":  # under torchrun, ranks that train alone were never meant
+        config.parallel.strategy = "ddp"
     out = Path(out)
     sources = data_sources(config)
     tokenizer = Tokenizer.load(Path(sources[0][0]) / "tokenizer")
