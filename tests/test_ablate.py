@@ -14,6 +14,7 @@ import pytest
 from dscoder.ablate import ablate
 from dscoder.cli import main
 from dscoder.data.shards import ShardWriter
+from dscoder.errors import DscoderError
 from dscoder.tokenizer import Tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -49,8 +50,9 @@ def test_damaged_corpus_ranks_below_the_real_one(corpora, tmp_path):
     out = tmp_path / "ab"
     # lr 1e-2: after 16 steps the real corpus is clearly ahead (about 256 against 477; at the recipe's 3e-3 the
     # two are still within 5%, and after 4 steps the order can even be the other way)
-    table = ablate({"real": real, "shuffled": shuffled}, out, tokens=4000, seq_len=64, micro_batch=4,
-                   heldout=[heldout], limit=1, max_tokens=8, overrides=["train.lr=1e-2"])
+    settings = dict(tokens=4000, seq_len=64, micro_batch=4, heldout=[heldout], limit=1, max_tokens=8,
+                    overrides=["train.lr=1e-2"])
+    table = ablate({"real": real, "shuffled": shuffled}, out, **settings)
     assert table["real"]["heldout_perplexity"] < 0.8 * table["shuffled"]["heldout_perplexity"], table
     saved = json.loads((out / "ablation.json").read_text())
     for name in ("real", "shuffled"):
@@ -61,7 +63,9 @@ def test_damaged_corpus_ranks_below_the_real_one(corpora, tmp_path):
     assert steps[-1] == 16
     assert "real < shuffled" in (out / "report.md").read_text()
     assert (out / "ablation.png").stat().st_size > 1000
-    assert ablate({"real": real, "shuffled": shuffled}, out, tokens=4000, heldout=[heldout]) == saved  # resumed
+    assert ablate({"real": real, "shuffled": shuffled}, out, **settings) == saved  # resumed: nothing redone
+    with pytest.raises(DscoderError, match="other settings .seq_len"):
+        ablate({"real": real, "shuffled": shuffled}, out, **{**settings, "seq_len": 32})
 
 
 def test_cli_bad_input(corpora, tmp_path, capsys):

@@ -156,6 +156,14 @@ def ablate(corpora: dict[str, Path] | list[str], out: str | Path, *, tokens: int
     per_step = micro_batch * seq_len
     if plan_path.exists():  # a rerun keeps the first run's budget, so every corpus gets the same
         plan = _read_plan(plan_path)
+        mine = {"seq_len": seq_len, "micro_batch": micro_batch, "seed": seed, "preset": preset,
+                "overrides": list(overrides)}
+        if tokens is not None:
+            mine["steps"] = max(1, math.ceil(tokens / per_step))
+        changed = sorted(k for k, v in mine.items() if plan.get(k) != v)
+        if changed:
+            raise DscoderError(f"--out {out}: holds an ablation with other settings ({', '.join(changed)}); rerun "
+                               "with the same ones to resume, or choose another --out")
     else:
         if tokens is None:
             seconds = minutes * 60 * 0.7 / len(corpora)
