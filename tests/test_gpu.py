@@ -228,6 +228,27 @@ def test_pretrain_on_the_gpu_from_the_command_line(stdlib_build, tmp_path):
     assert dscoder.load_model(tmp_path / "hf").config.vocab_size == 512
 
 
+def test_alignment_recipes_on_the_gpu(tmp_path):
+    """SFT and GRPO place the policy, the batches, the reference model and the engine on the GPU (one process)."""
+    from conftest import align_recipe
+    from dscoder.align.grpo import grpo
+    from dscoder.align.sft import sft
+    from dscoder.tokenizer import Tokenizer
+
+    words = ["apple", "river", "stone", "cloud"]
+    Tokenizer.train([f"User: say {a}\n\nAssistant: {a} {b}" for a in words for b in words] * 3,
+                    vocab_size=300).save(tmp_path / "tok")
+    rows = [{"messages": [{"role": "user", "content": f"say {a}"}, {"role": "assistant", "content": f"{a} {b}"}]}
+            for a in words for b in words]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = sft(align_recipe("sft", f"model.tokenizer={tmp_path / 'tok'}", f"data.path={tmp_path / 'chat.jsonl'}",
+                         "data.seq_len=32", "train.steps=20", "train.ckpt_every=20"), tmp_path / "sft")
+    assert s["last_loss"] < s["first_loss"] - 0.5, s
+    g = grpo(align_recipe("grpo", "train.steps=4", "train.ckpt_every=4"), tmp_path / "grpo")
+    assert g["last"]["step"] == 4 and g["last"]["rollout_tokens_per_s"] > 0
+    assert (tmp_path / "grpo" / "hf" / "config.json").is_file()
+
+
 @two_gpus
 @needs_data_build
 @pytest.mark.parametrize("extra", [[], ["parallel.ep=2"]])
