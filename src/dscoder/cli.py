@@ -204,6 +204,16 @@ def train_pretrain(args: argparse.Namespace) -> int:
 def export_checkpoint(args: argparse.Namespace) -> int:
     from dscoder.train.export import export
 
+    if args.format == "gguf":
+        from dscoder.gguf_export import export_gguf
+
+        if args.dtype is not None:
+            raise DscoderError("--dtype is for --format hf; a GGUF file takes --type f16|bf16|q8_0")
+        out = export_gguf(args.source, args.out, type=args.type or "f16", merge_lora=args.merge_lora)
+        print(f"wrote a GGUF file ({args.type or 'f16'}, llama.cpp's deepseek2) to {out}")
+        return 0
+    if args.type is not None:
+        raise DscoderError("--type is for --format gguf; an HF checkpoint takes --dtype")
     out = export(args.source, args.out, dtype=args.dtype, merge_lora=args.merge_lora)
     print(f"wrote an HF checkpoint to {out}")
     return 0
@@ -372,14 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_alignment(train_sub)  # sft, reward, grpo
 
-    ex = sub.add_parser("export", help="training checkpoint -> HF checkpoint",
+    ex = sub.add_parser("export", help="training checkpoint -> HF checkpoint (or a GGUF file for llama.cpp)",
                         description="Write an HF checkpoint (config.json, safetensors, tokenizer) from a run "
                                     "directory (its newest intact checkpoint) or a checkpoint directory, verified "
-                                    "against its checksums first.")
+                                    "against its checksums first. With --format gguf, write one GGUF file in "
+                                    "llama.cpp's deepseek2 layout (MLA split, stacked experts, tokenizer embedded) "
+                                    "from a run, a checkpoint or an HF checkpoint directory, for llama.cpp/Ollama.")
     ex.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     ex.add_argument("--out", required=True,
                     help="a new or empty directory, or an earlier export to replace (not a file, the run itself, "
-                         "inside its checkpoints/, another run, or a folder holding other files)")
+                         "inside its checkpoints/, another run, or a folder holding other files); with --format "
+                         "gguf a file name ending in .gguf")
+    ex.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                    help="hf (default): an HF checkpoint directory; gguf: one file for llama.cpp / Ollama")
+    ex.add_argument("--type", metavar="f16|bf16|q8_0",
+                    help="GGUF tensor type (default f16; norms and the router stay f32; q8_0 is 8.5 bits per "
+                         "weight)")
     ex.add_argument("--dtype", choices=["float32", "bfloat16"], help="stored dtype (default: float32)")
     ex.add_argument("--merge-lora", action="store_true",
                     help="a LoRA run: fold the adapter into the base weights and write the merged model (the "

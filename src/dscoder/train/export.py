@@ -80,13 +80,37 @@ def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
 
 
 def export(source: str | Path, out: str | Path, dtype: str | None = None, merge_lora: bool = False) -> Path:
-    from dscoder.model.build import build_model, save_model
+    from dscoder.model.build import save_model
     from dscoder.tokenizer import Tokenizer
 
     path = resolve_checkpoint(source)
     out = Path(out)
     check_out(out, run_dir_of(path))
     meta = ckpt.read_meta(path)
+    model = _load_weights(path, meta, merge_lora)
+    save_model(model, out, dtype=dtype)
+    tokenizer_dir = run_tokenizer(path, meta)
+    if tokenizer_dir is not None:
+        Tokenizer.load(tokenizer_dir).save(out)
+    elif meta.get("tokenizer"):
+        ckpt.warn(f"{path}: the run's tokenizer ({meta['tokenizer']}) is gone; exported without a tokenizer")
+    else:
+        ckpt.warn(f"{path}: the run has no tokenizer; exported without one")
+    write_json(out / "dscoder_training_meta.json", meta)
+    return out
+
+
+def load_run_model(source: str | Path, merge_lora: bool = False) -> tuple[torch.nn.Module, Path | None, str]:
+    """A run's (or checkpoint's) model as :func:`export` writes it (verified, LoRA merged on request), the
+    directory of its tokenizer (None without one) and the checkpoint's name for messages."""
+    path = resolve_checkpoint(source)
+    meta = ckpt.read_meta(path)
+    return _load_weights(path, meta, merge_lora), run_tokenizer(path, meta), str(path)
+
+
+def _load_weights(path: Path, meta: dict, merge_lora: bool) -> torch.nn.Module:
+    from dscoder.model.build import build_model
+
     config = ModelConfig.from_hf_dict(meta["model"], source=str(path / "meta.json"))
     model = build_model(config, dtype=torch.float32)
     lora = meta.get("lora")
@@ -107,13 +131,4 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None, merge_
     bad = nonfinite_tensors(model)
     if bad:
         ckpt.warn(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]}); exported as they are")
-    save_model(model, out, dtype=dtype)
-    tokenizer_dir = run_tokenizer(path, meta)
-    if tokenizer_dir is not None:
-        Tokenizer.load(tokenizer_dir).save(out)
-    elif meta.get("tokenizer"):
-        ckpt.warn(f"{path}: the run's tokenizer ({meta['tokenizer']}) is gone; exported without a tokenizer")
-    else:
-        ckpt.warn(f"{path}: the run has no tokenizer; exported without one")
-    write_json(out / "dscoder_training_meta.json", meta)
-    return out
+    return model
