@@ -490,12 +490,13 @@ class FastEncoder:
 
     @classmethod
     def build(cls, backend: BackendTokenizer) -> FastEncoder | None:
-        spec = json.loads(backend.to_str())
-        normalizer, pre, model = spec.get("normalizer"), spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+        # the components' own JSON, not the whole file's (a 128,000-token vocabulary takes a second to parse)
+        state = lambda part: json.loads(part.__getstate__()) if part is not None else None  # noqa: E731
+        normalizer, pre, model = state(backend.normalizer), state(backend.pre_tokenizer) or {}, backend.model
         if normalizer and not (normalizer.get("type") == "Sequence" and not normalizer.get("normalizers")):
             return None
-        if model.get("type") != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix") \
-                or model.get("end_of_word_suffix"):
+        if not isinstance(model, models.BPE) or model.dropout or model.continuing_subword_prefix \
+                or model.end_of_word_suffix:
             return None
         steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
         if not steps or len(steps) != len(DEEPSEEK_SPLITS) + 1:
@@ -506,7 +507,7 @@ class FastEncoder:
         last = steps[-1]
         if last.get("type") != "ByteLevel" or last.get("add_prefix_space") or last.get("use_regex"):
             return None
-        return cls(backend, [t["content"] for t in spec.get("added_tokens") or []])
+        return cls(backend, [t.content for t in backend.get_added_tokens_decoder().values()])
 
     def encode(self, text: str) -> list[int] | None:
         """The ids, or None when the library must encode this text (it holds an ASCII added token)."""
