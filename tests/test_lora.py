@@ -179,6 +179,18 @@ def test_lora_recipe_faults_are_one_line(chat_setup, tmp_path, capsys):
     assert "lora.bogus" in capsys.readouterr().err
 
 
+def test_lora_sft_on_the_command_line(chat_setup, tmp_path, capsys):
+    from dscoder.cli import main
+
+    tok, data = chat_setup
+    out = tmp_path / "run"
+    assert main(["train", "sft", "--config", "sft-lora-tiny", "--out", str(out), f"model.tokenizer={tok}",
+                 f"data.path={data}", "data.seq_len=64", "train.steps=2", "train.warmup_steps=1"]) == 0
+    assert "LoRA adapter" in capsys.readouterr().out
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+
 def test_packaged_lora_recipe_parses():
     from dscoder.align.recipe import load_recipe
     from dscoder.align.sft import SFTData, SFTSection

@@ -32,7 +32,8 @@ def train_sft(args: argparse.Namespace) -> int:
         print(f"sft: {s['conversations']} conversations in {s['rows']} rows ({s['truncated']} truncated); step "
               f"{s['step']}: assistant loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
               + (f", held-out {s['eval_loss']:.4f}" if "eval_loss" in s else ""))
-    print(f"wrote {args.out}/metrics.jsonl, {args.out}/checkpoints/" + (f", {s['export']}" if "export" in s else ""))
+    print(f"wrote {args.out}/metrics.jsonl, {args.out}/checkpoints/" + (f", {s['export']}" if "export" in s else "")
+          + (f", {s['adapter']} (LoRA adapter)" if "adapter" in s else ""))
     return 0
 
 
@@ -71,7 +72,9 @@ def register(train_subparsers) -> None:
         "sft", help="supervised fine-tuning on chat jsonl (loss on assistant tokens)",
         description="Chat jsonl ({\"messages\": [...]}) in the DeepSeek-Coder-V2 template, next-token loss on the "
                     "assistant replies only, packed rows without attention across conversations, warmup + cosine; "
-                    "checkpoints, --resume, and an HF export in OUT/hf.")
+                    "checkpoints, --resume, and an HF export in OUT/hf. A [lora] table with rank > 0 (e.g. "
+                    "lora.rank=8, configs/sft-lora-tiny.toml) freezes the base and trains LoRA adapters: OUT/adapter "
+                    "in PEFT's format, OUT/hf the merged model.")
     _common(p, "configs/sft-tiny.toml")
     p.set_defaults(func=train_sft)
     p = train_subparsers.add_parser(
