@@ -113,8 +113,8 @@ class LoRALinear(nn.Linear):
 
 class LoRAExperts(RoutedExperts):
     """Routed experts (same stacked tensors, frozen) with stacked factors per targeted projection:
-    ``lora_{gate,up}_A [E, r, D]``, ``lora_{gate,up}_B [E, I, r]``, ``lora_down_A [E, r, I]``, ``lora_down_B [E, D, r]``;
-    the grouped matmuls run on the merged weights ``W + scaling * B A``."""
+    ``lora_{gate,up}_A [E, r, D]``, ``lora_{gate,up}_B [E, I, r]``, ``lora_down_A [E, r, I]``,
+    ``lora_down_B [E, D, r]``; the grouped matmuls run on the merged weights ``W + scaling * B A``."""
 
     def __init__(self, base: RoutedExperts, rank: int, alpha: float, which: list[str]):
         nn.Module.__init__(self)
