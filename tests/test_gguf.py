@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import dscoder
 from dscoder.cli import main
 from dscoder.errors import DscoderError
+from dscoder import gguf_export
 from dscoder.gguf_export import pre_tokenizer_name, split_kv_b
 from dscoder.tokenizer import DEEPSEEK_SPLITS, Tokenizer
 
@@ -170,9 +171,10 @@ def test_bf16_exact_and_q8_0_within_its_step(tiny_checkpoint, tmp_path, capsys):
     assert q8["blk.0.attn_k_b.weight"].tensor_type == Q.F16  # qk_nope_head_dim 16 < 32 in the tiny preset
 
 
-def test_stacked_expert_layout_and_a_padded_vocabulary(tiny_checkpoint, tmp_path, capsys):
-    """A checkpoint holding dscoder's own stacked experts (transformers 5's gate_up_proj layout) gives the same file
-    data as the hub's per-expert layout; embeddings past the tokenizer become UNUSED [PAD] tokens."""
+def test_stacked_expert_layout_and_a_padded_vocabulary(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """A checkpoint holding dscoder's own stacked experts (transformers 5's gate_up_proj layout), converted a few
+    rows at a time, gives the same file data as the hub's per-expert layout converted whole; embeddings past the
+    tokenizer become UNUSED [PAD] tokens."""
     reference = _tensors(gguf.GGUFReader(_export(capsys, tiny_checkpoint, tmp_path / "hub.gguf")))
     stacked = tmp_path / "stacked"
     stacked.mkdir()
@@ -182,6 +184,7 @@ def test_stacked_expert_layout_and_a_padded_vocabulary(tiny_checkpoint, tmp_path
     model = dscoder.load_model(tiny_checkpoint)
     assert any(k.endswith("experts.gate_up_proj") for k in model.state_dict())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, stacked / "model.safetensors")
+    monkeypatch.setattr(gguf_export, "_CHUNK_ELEMENTS", 200)  # a few rows per piece
     got = _tensors(gguf.GGUFReader(_export(capsys, stacked, tmp_path / "stacked.gguf")))
     assert set(got) == set(reference)
     for name in reference:

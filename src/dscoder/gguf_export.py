@@ -45,6 +45,7 @@ from dscoder.errors import CheckpointError, DscoderError
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 ARCH = "deepseek2"
 GGUF_MAGIC = b"GGUF"
+_CHUNK_ELEMENTS = 1 << 22  # rows converted at once: 16 MB in fp32
 
 
 def _gguf():
@@ -59,7 +60,7 @@ def _gguf():
 class _Source:
     """HF-named tensors, read lazily: from safetensors files (memory-mapped) or from an in-memory state dict."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], torch.Tensor], where: str):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str, int, int], torch.Tensor], where: str):
         self.shapes, self._read, self.where = shapes, read, where
         self.asked: set[str] = set()  # every key the plan looked up: the rest has no place in the file
 
@@ -72,9 +73,21 @@ class _Source:
             raise CheckpointError(f"{self.where}: missing tensor '{key}'")
         return self.shapes[key]
 
-    def get(self, key: str) -> torch.Tensor:
-        self.shape(key)
-        return self._read(key)
+    def get(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of ``key`` (all of it by default); only those rows are read from the file."""
+        shape = self.shape(key)
+        return self._read(key, start, shape[0] if stop is None else stop)
+
+    def row_chunks(self, key: str, leading: bool = False) -> Iterator[torch.Tensor]:
+        """``key`` in pieces of rows small enough to convert one at a time (each ``[1, ...]`` when ``leading``:
+        one expert of a stacked tensor)."""
+        shape = self.shape(key)
+        if len(shape) == 1:
+            yield self.get(key)
+            return
+        step = 1 if leading else max(1, _CHUNK_ELEMENTS // math.prod(shape[1:]))
+        for start in range(0, shape[0], step):
+            yield self.get(key, start, min(start + step, shape[0]))
 
 
 def _safetensors_source(directory: Path, stack: ExitStack) -> _Source:
@@ -86,9 +99,9 @@ def _safetensors_source(directory: Path, stack: ExitStack) -> _Source:
     handles = {p: stack.enter_context(_open(p)) for p in sorted(set(files.values()))}
     shapes = {k: tuple(handles[f].get_slice(k).get_shape()) for k, f in files.items()}
 
-    def read(key: str) -> torch.Tensor:
+    def read(key: str, start: int, stop: int) -> torch.Tensor:
         try:
-            return handles[files[key]].get_tensor(key)
+            return handles[files[key]].get_slice(key)[start:stop]
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{files[key]}: cannot read tensor '{key}' ({e})") from None
 
@@ -96,7 +109,7 @@ def _safetensors_source(directory: Path, stack: ExitStack) -> _Source:
 
 
 def _state_dict_source(tensors: dict[str, torch.Tensor], where: str) -> _Source:
-    return _Source({k: tuple(t.shape) for k, t in tensors.items()}, tensors.__getitem__, where)
+    return _Source({k: tuple(t.shape) for k, t in tensors.items()}, lambda k, a, b: tensors[k][a:b], where)
 
 
 # --------------------------------------------------------------------------------------------- the tensor plan
@@ -105,7 +118,7 @@ class _Planned:
     name: str                                  # GGUF name, e.g. blk.3.ffn_up_exps.weight
     shape: tuple[int, ...]                     # torch order (outermost first); GGUF stores it reversed
     keep_f32: bool                             # norms and the router
-    load: Callable[[], torch.Tensor]           # the fp32 (or source-dtype) values, read when written
+    pieces: Callable[[], Iterator[torch.Tensor]]  # the values in pieces along dim 0, read while writing
 
 
 def _tensor_names():
@@ -128,7 +141,7 @@ def plan_tensors(config: ModelConfig, src: _Source) -> list[_Planned]:
     def direct(kind, key: str, bid: int | None = None) -> None:
         shape = src.shape(key)
         plan.append(_Planned(name(kind, bid), shape, len(shape) == 1 or kind == T.FFN_GATE_INP,
-                             lambda: src.get(key)))
+                             lambda: src.row_chunks(key)))
 
     direct(T.TOKEN_EMBD, "model.embed_tokens.weight")
     H, dn, dv, r = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank
@@ -148,8 +161,10 @@ def plan_tensors(config: ModelConfig, src: _Source) -> list[_Planned]:
         if src.shape(kv_b) != (H * (dn + dv), r):
             raise CheckpointError(f"{src.where}: tensor '{kv_b}' has shape {list(src.shape(kv_b))}; expected "
                                   f"{[H * (dn + dv), r]}")
-        plan.append(_Planned(name(T.ATTN_K_B, i), (H, r, dn), False, lambda k=kv_b: split_kv_b(src.get(k), H, dn)[0]))
-        plan.append(_Planned(name(T.ATTN_V_B, i), (H, dv, r), False, lambda k=kv_b: split_kv_b(src.get(k), H, dn)[1]))
+        plan.append(_Planned(name(T.ATTN_K_B, i), (H, r, dn), False,
+                             lambda k=kv_b: iter([split_kv_b(src.get(k), H, dn)[0]])))
+        plan.append(_Planned(name(T.ATTN_V_B, i), (H, dv, r), False,
+                             lambda k=kv_b: iter([split_kv_b(src.get(k), H, dn)[1]])))
         direct(T.ATTN_OUT, p + "self_attn.o_proj.weight", i)
         direct(T.FFN_NORM, p + "post_attention_layernorm.weight", i)
         if not config.is_moe_layer(i):
@@ -192,14 +207,17 @@ def _expert_shape(src: _Source, prefix: str, proj: str, E: int, inter: int) -> t
     return (e, inter, d)
 
 
-def _stacked_experts(src: _Source, prefix: str, proj: str, E: int, inter: int) -> torch.Tensor:
-    """``[E, out, in]`` from the hub's per-expert keys, or from a stacked ``gate_up_proj``/``down_proj``."""
+def _stacked_experts(src: _Source, prefix: str, proj: str, E: int, inter: int) -> Iterator[torch.Tensor]:
+    """``[E, out, in]`` one expert (``[1, out, in]``) at a time, from the hub's per-expert keys or from a stacked
+    ``gate_up_proj``/``down_proj``."""
     if f"{prefix}.0.{proj}.weight" in src:
-        return torch.stack([src.get(f"{prefix}.{e}.{proj}.weight") for e in range(E)])
-    if proj == "down_proj":
-        return src.get(f"{prefix}.down_proj")
-    gate_up = src.get(f"{prefix}.gate_up_proj")
-    return gate_up[:, :inter] if proj == "gate_proj" else gate_up[:, inter:]
+        for e in range(E):
+            yield src.get(f"{prefix}.{e}.{proj}.weight").unsqueeze(0)
+    elif proj == "down_proj":
+        yield from src.row_chunks(f"{prefix}.down_proj", leading=True)
+    else:
+        for gate_up in src.row_chunks(f"{prefix}.gate_up_proj", leading=True):
+            yield gate_up[:, :inter] if proj == "gate_proj" else gate_up[:, inter:]
 
 
 # --------------------------------------------------------------------------------------------- what GGUF can say
@@ -372,6 +390,25 @@ def _encode(values: torch.Tensor, qtype, name: str, where: str) -> np.ndarray:
     return gguf.quants.quantize(x, qtype)
 
 
+def _assemble(p: _Planned, qtype, where: str) -> np.ndarray:
+    """``p``'s encoded data, converted piece by piece into one preallocated array (the tensor in its GGUF type,
+    plus one piece at a time in fp32)."""
+    out, row = None, 0
+    for piece in p.pieces():
+        encoded = _encode(piece, qtype, p.name, where)
+        if out is None:
+            if encoded.ndim == 1 or piece.shape[0] == p.shape[0]:
+                out = encoded
+                row = p.shape[0] if encoded.ndim > 1 else len(encoded)
+                continue
+            out = np.empty((p.shape[0], *encoded.shape[1:]), dtype=encoded.dtype)
+        out[row:row + len(encoded)] = encoded
+        row += len(encoded)
+    if out is None or row != p.shape[0] or tuple(out.shape[1:-1]) != p.shape[1:-1]:
+        raise CheckpointError(f"{where}: {p.name} does not have the shape {list(p.shape)} its config gives")
+    return out
+
+
 def _nbytes(shape: tuple[int, ...], qtype) -> int:
     from gguf.quants import quant_shape_to_byte_shape
 
@@ -450,10 +487,6 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", merge_lo
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for p, q in zip(plan, qtypes):
-                values = p.load()
-                if tuple(values.shape) != p.shape:
-                    raise CheckpointError(f"{src.where}: {p.name} has shape {list(values.shape)}; expected "
-                                          f"{list(p.shape)}")
-                writer.write_tensor_data(_encode(values, q, p.name, src.where))
+                writer.write_tensor_data(_assemble(p, q, src.where))
             writer.close()
     return out
