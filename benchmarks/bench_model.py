@@ -159,7 +159,9 @@ def same_process(ckpt: str, batch: int, seq: int, iters: int, device: str, dtype
                 f[index]()
                 times[impl].append(time.perf_counter() - t0)
         ratios = [t / o for t, o in zip(times["transformers"], times["dscoder"])]
-        out[kind] = {"ratio": statistics.median(ratios), "ours_s": statistics.median(times["dscoder"]),
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0], ratios[0], ratios[0]]
+        out[kind] = {"ratio": statistics.median(ratios), "q1": q[0], "q3": q[2],
+                     "ours_s": statistics.median(times["dscoder"]),
                      "theirs_s": statistics.median(times["transformers"])}
     return out
 
@@ -246,7 +248,8 @@ def main() -> None:
             print(head + f", median of {args.iters} alternating rounds")
             for kind in ("train", "prefill"):
                 print(f"{kind:8} dscoder {r[kind]['ours_s']:.3f} s, transformers {r[kind]['theirs_s']:.3f} s: "
-                      f"{r[kind]['ratio']:.2f}x (median per-round ratio, theirs / ours time)")
+                      f"{r[kind]['ratio']:.2f}x (median per-round ratio, theirs / ours time; quartiles "
+                      f"{r[kind]['q1']:.2f}-{r[kind]['q3']:.2f})")
             return
         results = {}
         for impl in IMPLS:
