@@ -592,6 +592,7 @@ def _run_on_ray(config: BuildConfig, executors: list, workers: int, address: str
     """
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own variable names a cluster too
     started = not ray.is_initialized()
     if started:
         try:

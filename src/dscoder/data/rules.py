@@ -146,12 +146,14 @@ def check(text: str, language: str, cfg: RuleConfig, path: str = "") -> str | No
         if language in DATA_LANGUAGES and text.count("\n") + 1 > cfg.max_lines_data:
             return "data_too_many_lines"
         if cfg.drop_generated:
-            first = "\n".join(text.splitlines()[: cfg.generated_marker_lines]).lower()
+            lines = text.splitlines()
+            first = "\n".join(lines[: cfg.generated_marker_lines]).lower()
             if any(marker in first for marker in GENERATED_MARKERS):
                 return "generated"
         if encoded_data(text, cfg):
             return "encoded_data"
-    lines = text.splitlines()
+    if not (cfg.code_rules and cfg.drop_generated):  # else split above
+        lines = text.splitlines()
     if len(lines) > cfg.max_lines:
         return "too_many_lines"
     longest = max(map(len, lines), default=0)
