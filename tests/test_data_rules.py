@@ -114,3 +114,13 @@ def test_decontamination_prefilter_changes_no_answer():
     texts = _stdlib_sample() + ODD + [items[1], "# x\n" + items[4][40:400], items[7][:60]]
     answers = [dec.hit(t) for t in texts]
     assert answers == [plain.hit(t) for t in texts] and any(answers) and not all(answers)
+    # and the n-grams built up one length at a time equal ngram_hashes from scratch, table by table
+    from dscoder.data.decontam import N, _any_in, _hashes
+
+    def from_scratch(text):
+        hashes = _hashes(text)
+        return _any_in(ngram_hashes(hashes, N), dec.long) or any(
+            _any_in(ngram_hashes(hashes, n), table) for n, table in dec.short.items())
+    assert answers == [from_scratch(t) for t in texts]
+    short_only = Decontaminator(["assert is_even(42) == True"])
+    assert short_only.hit("x = 1\nassert is_even(42)==True\n") and not short_only.hit("assert is_even(x)\n")

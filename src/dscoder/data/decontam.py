@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dscoder.data.ngrams import hashed_tokens, ngram_hashes
+from dscoder.data.ngrams import _MULT, hashed_tokens, ngram_hashes
 from dscoder.errors import DscoderError
 from dscoder.io import iter_jsonl
 
@@ -83,10 +83,19 @@ class Decontaminator:
         return len(self.long) + sum(len(v) for v in self.short.values())
 
     def hit(self, text: str) -> bool:
+        """Any n-gram of ``text`` in a table. The n-gram hashes of :func:`ngram_hashes` are built up one length at a
+        time (the hashes of length n are those of length n - 1 times the multiplier plus the next token's)."""
         hashes = _hashes(text)
-        if self._any_in(ngram_hashes(hashes, N), self.long):
-            return True
-        return any(self._any_in(ngram_hashes(hashes, n), table) for n, table in self.short.items())
+        grams = hashes
+        with np.errstate(over="ignore"):
+            for n in range(2, N + 1):
+                if len(grams) < 2:
+                    return False
+                grams = grams[:-1] * _MULT + hashes[n - 1:]
+                table = self.long if n == N else self.short.get(n)
+                if table is not None and self._any_in(grams, table):
+                    return True
+        return False
 
     def _any_in(self, queries: np.ndarray, sorted_table: np.ndarray) -> bool:
         return _any_in(queries[self.seen[queries & _FILTER_MASK]], sorted_table)
