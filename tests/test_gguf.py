@@ -4,6 +4,7 @@ f16/bf16 exact, q8_0 within its step), the deepseek2 metadata, the embedded toke
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -281,3 +282,26 @@ def test_split_kv_b_is_per_head():
     for h in range(H):
         rows = kv_b[h * (dn + dv):(h + 1) * (dn + dv)]
         assert torch.equal(k_b[h], rows[:dn].T) and torch.equal(v_b[h], rows[dn:])
+
+
+DEEPSEEK = os.environ.get("DSCODER_DEEPSEEK_TOKENIZER")
+
+
+@pytest.mark.skipif(not DEEPSEEK or not Path(DEEPSEEK, "tokenizer.json").is_file(),
+                    reason="DSCODER_DEEPSEEK_TOKENIZER does not name a folder with DeepSeek's tokenizer.json")
+def test_deepseek_v3_tokenizer_embeds_as_llama_cpp_names_it(tmp_path, capsys):
+    """DeepSeek's own tokenizer file (DeepSeek-V3's, 128,815 tokens, in an embedding of 129,280 as V3 has)."""
+    tok = Tokenizer.load(DEEPSEEK)
+    where = tmp_path / "v3tok"
+    dscoder.save_model(tiny_model(vocab_size=129280), where)
+    tok.save(where)
+    reader = gguf.GGUFReader(_export(capsys, where, tmp_path / "v3.gguf"))
+    assert _field(reader, "tokenizer.ggml.pre") == "deepseek-v3"
+    tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == 129280 and tokens[:tok.vocab_size] == [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    assert types[tok.bos_id] == types[tok.fim_hole_id] == gguf.TokenType.CONTROL and types[-1] == gguf.TokenType.UNUSED
+    data = json.loads(Path(DEEPSEEK, "tokenizer.json").read_text())
+    assert len(_field(reader, "tokenizer.ggml.merges")) == len(data["model"]["merges"])
+    assert (_field(reader, "tokenizer.ggml.fim_pre_token_id"), _field(reader, "tokenizer.ggml.fim_suf_token_id"),
+            _field(reader, "tokenizer.ggml.fim_mid_token_id")) == (tok.fim_begin_id, tok.fim_hole_id, tok.fim_end_id)
+    assert (_field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")) == (0, 1)

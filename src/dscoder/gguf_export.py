@@ -328,6 +328,12 @@ def _merges(tokenizer_json: dict, where: str) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
 
+def _looks_special(text: str) -> bool:
+    """llama.cpp's converter's rule: ``<｜...｜>`` and ``<|...|>`` added tokens are control tokens even when the file
+    does not mark them special (DeepSeek's FIM tokens)."""
+    return any(text.startswith(a) and text.endswith(b) for a, b in (("<｜", "｜>"), ("<|", "|>")))
+
+
 def _write_tokenizer(writer, tok, vocab_size: int, where: str) -> None:
     gguf = _gguf()
     data = json.loads(tok.backend.to_str())
@@ -344,7 +350,8 @@ def _write_tokenizer(writer, tok, vocab_size: int, where: str) -> None:
         else:
             tokens.append(text)
             types.append(gguf.TokenType.NORMAL if i not in added else
-                         gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+                         gguf.TokenType.CONTROL if added[i].get("special") or _looks_special(text)
+                         else gguf.TokenType.USER_DEFINED)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(data, where))
     writer.add_token_list(tokens)
