@@ -485,6 +485,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", merge_lo
 
         with atomic_path(out) as tmp:
             writer = gguf.GGUFWriter(tmp, ARCH)
+            stack.callback(writer.close)  # also when a tensor turns out unreadable half-way
             _write_metadata(writer, config, source.resolve().name, file_type)
             _write_tokenizer(writer, tok, config.vocab_size, str(tok_dir))
             qtypes = [tensor_qtype(p, type) for p in plan]
