@@ -1,0 +1,96 @@
+"""The quickstart's recipe and its evaluation pieces: parse rate, prompt stripping, the corpus without tests, bits
+per byte (the full run takes minutes: it is run by hand and by `make quickstart`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import dscoder
+from conftest import tiny_config
+from dscoder.config import ModelConfig
+from dscoder.quickstart import (HUMANEVAL_STOPS, complete, completion_parse_rate, corpus_source, held_out_files,
+                                heldout_scores, perplexity, recipe)
+from dscoder.tokenizer import Tokenizer
+
+
+def test_completion_parse_rate_cuts_at_the_stops():
+    prompts = ['def f(x):\n    """Twice x."""\n'] * 4
+    completions = [
+        "    return 2 * x\n",                      # parses
+        "    return 2 * x\ndef g(:\n",             # parses once cut at "\ndef "
+        "    return (2 * x\n",                     # an open bracket: does not parse
+        "",                                        # the prompt alone (a docstring body) parses
+    ]
+    assert completion_parse_rate(prompts, completions, HUMANEVAL_STOPS) == 0.75
+    assert completion_parse_rate(prompts[:1], ["    return 2 *\n"], HUMANEVAL_STOPS) == 0.0
+    from dscoder.eval.tasks import humaneval
+
+    assert all(p.stop == HUMANEVAL_STOPS for p in humaneval())  # the stops the eval task cuts at
+
+
+@dataclass
+class _Done:
+    text: str
+
+
+class _Engine:
+    """Stands in for dscoder.Engine: records the prompts and answers from a table."""
+
+    def __init__(self, answers):
+        self.answers, self.seen = answers, []
+
+    def generate(self, prompts, **sampling):
+        self.seen += prompts
+        return [_Done(self.answers[p]) for p in prompts]
+
+
+def test_complete_strips_the_prompt_and_returns_what_follows_the_original():
+    """The model sees the prompt without its trailing newline (a bare newline is a token boundary it never saw
+    before indented code); the completion returned continues the original prompt."""
+    prompt = 'def f(x):\n    """Twice x."""\n'
+    engine = _Engine({prompt.rstrip(): "\n    return 2 * x\n", "x =": " 1"})
+    out = complete(engine, [prompt, "x = "], max_tokens=8)
+    assert engine.seen == [prompt.rstrip(), "x ="]
+    assert out[0] == "    return 2 * x\n" and prompt + out[0] == prompt.rstrip() + "\n    return 2 * x\n"
+    assert out[1] == "1"  # " 1" after "x =" is "1" after "x = "
+
+
+def test_corpus_source_leaves_out_test_suites(tmp_path):
+    root = tmp_path / "lib"
+    for rel, text in [("json/__init__.py", "import os\n"), ("test/test_json.py", "x = 1\n"),
+                      ("unittest/test/test_case.py", "y = 2\n"), ("idlelib/idle_test/h.py", "z = 3\n"),
+                      ("test_support.py", "w = 4\n"), ("textwrap.py", "def wrap(): pass\n"),
+                      ("site-packages/pkg/m.py", "v = 5\n")]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "blob.bin").write_bytes(b"\xff\xfe\x00")
+    target = corpus_source(root, tmp_path / "src" / "stdlib.jsonl")
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == ["json/__init__.py", "textwrap.py"]
+    assert {r["path"]: r["text"] for r in rows}["textwrap.py"] == "def wrap(): pass\n"
+
+
+def test_bits_per_byte_matches_perplexity(tmp_path):
+    files = held_out_files()[:2]
+    tok = Tokenizer.train([f.read_text() for f in held_out_files()], vocab_size=300)
+    model = dscoder.build_model(tiny_config(vocab_size=tok.vocab_size), seed=0)
+    dscoder.save_model(model, tmp_path)
+    tok.save(tmp_path)
+    scores = heldout_scores(tmp_path, files, seq_len=64)
+    assert scores["bytes"] == sum(len(f.read_text().encode()) for f in files)
+    nll = math.log(scores["perplexity"]) * scores["tokens"]
+    assert math.isclose(scores["bits_per_byte"], nll / math.log(2) / scores["bytes"], rel_tol=1e-9)
+    assert math.isclose(perplexity(tmp_path, files, seq_len=64), scores["perplexity"], rel_tol=1e-9)
+
+
+def test_the_recipe_is_a_deepseek_v2_moe_with_mla():
+    config = recipe()
+    model = ModelConfig.preset(config.model.preset).replace(**config.model.overrides)
+    assert model.is_moe and model.n_routed_experts > model.num_experts_per_tok and model.n_shared_experts
+    assert model.first_k_dense_replace == 1 and model.kv_lora_rank < model.hidden_size  # MLA: a compressed latent
+    assert model.yarn is not None
+    assert config.data.fim_rate > 0  # the report shows an infill
+    assert config.data.seq_len * 4 <= model.max_position_embeddings  # YaRN's stretch covers prompt + completion
