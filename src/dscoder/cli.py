@@ -435,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.set_defaults(func=run_ablate)
 
     qs = sub.add_parser("quickstart", help="the whole system on its defaults, on a CPU, into one folder",
-                        description="Build a corpus from this Python's standard library, train the tokenizer, "
-                                    "pre-train the tiny model with next-token + FIM, evaluate it (HumanEval, FIM, "
-                                    "held-out perplexity), and write report.md with plots. Rerun to resume.")
+                        description="Build a corpus from this Python's standard library (without its tests), "
+                                    "train the tokenizer, pre-train the quickstart recipe (a small DeepSeek-V2) with "
+                                    "next-token + FIM, evaluate it (HumanEval pass@1 and parse rate, FIM, held-out "
+                                    "perplexity and bits per byte), and write report.md with plots. Rerun to resume.")
     qs.add_argument("--out", default="runs/quickstart", help="output folder (runs/quickstart)")
     qs.add_argument("--minutes", type=float, default=12.0, help="time budget; most goes to pre-training (12)")
     qs.add_argument("--stage", choices=["data", "pretrain", "export", "eval", "report"],
