@@ -12,7 +12,7 @@ import torch
 import dscoder
 from dscoder import ModelConfig
 from dscoder.align.lora import LoRAExperts, LoRALinear, LoRASection, apply_lora, merge_lora, save_adapter
-from dscoder.errors import ConfigError
+from dscoder.errors import CheckpointError, ConfigError
 
 BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
             num_attention_heads=4, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
@@ -143,6 +143,8 @@ def test_lora_sft_resumes_exactly_and_exports_merged(chat_setup, tmp_path):
     sft(lora_recipe(chat_setup), tmp_path / "cut", max_steps=3)
     resumed = sft(lora_recipe(chat_setup), tmp_path / "cut", resume=True)
     assert resumed["last_loss"] == full["last_loss"]  # exact: weights, optimizer, data order, dropout's RNG
+    with pytest.raises(CheckpointError, match="saved with lora"):  # another [lora] table: one line
+        sft(lora_recipe(chat_setup, "train.steps=9", "lora.rank=2"), tmp_path / "cut", resume=True)
     a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "base_model.model.model.layers.0.self_attn.kv_b_proj.lora_A.weight" in a
