@@ -357,7 +357,7 @@ def stage_report(out: Path, seconds: float) -> Path:
     config = json.loads((out / "pretrain" / "config.json").read_text())
     scores = json.loads((out / "eval" / "results.json").read_text())
     texts = samples(out)
-    _log(f"completion of {COMPLETION_PROMPT.strip()!r}: {texts['completion'][:80]!r}")
+    _log(f"completion of {COMPLETION_PROMPT.splitlines()[0]!r}: {texts['completion'][:80]!r}")
     _log(f"infill: {texts['infill']!r}")
     metrics = [row for _, row in read_jsonl(out / "pretrain" / "metrics.jsonl", "metrics")]
     batch, seq_len = config["train"]["micro_batch"] * config["train"].get("grad_accum", 1), config["data"]["seq_len"]
@@ -394,7 +394,7 @@ Languages: {langs}. Dropped: {dropped}.
 
 ## Pre-training
 The `{RECIPE}` recipe (`configs/{RECIPE}.toml`): a DeepSeek-V2 model, {shape}, a dense first layer, YaRN;
-next-token prediction with FIM on a share of the documents. {train['steps']} steps of {batch} x {seq_len} tokens
+next-token prediction with FIM on {config['data']['fim_rate']:.0%} of the documents. {train['steps']} steps of {batch} x {seq_len} tokens
 ({tokens_seen / 1e6:.1f}M tokens seen, {tok_s:,.0f} tokens/s at the median step). Loss {first:.2f} (first 10 steps)
 → {last:.2f} (last 50 steps).
 
@@ -427,7 +427,7 @@ Greedy completions of HumanEval prompts (prompt, then the model's text up to the
 
 {shown}
 
-Completion of `{COMPLETION_PROMPT.strip()}`:
+Completion of `{COMPLETION_PROMPT.splitlines()[0]}` and its docstring:
 ```python
 {COMPLETION_PROMPT}{texts['completion']}
 ```
