@@ -11,7 +11,7 @@ import torch
 
 import dscoder
 from dscoder import ModelConfig
-from dscoder.align.lora import LoRAExperts, LoRALinear, LoRASection, apply_lora, merge_lora, save_adapter
+from dscoder.train.lora import LoRAExperts, LoRALinear, LoRASection, apply_lora, merge_lora, save_adapter
 from dscoder.errors import CheckpointError, ConfigError
 
 BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,

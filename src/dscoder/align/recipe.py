@@ -36,7 +36,7 @@ class AlignConfig:
     train: AlignTrainSection
     method: Any
     name: str = "sft"
-    lora: Any = None  # sft's [lora] table (dscoder.align.lora.LoRASection), None for the other methods
+    lora: Any = None  # sft's [lora] table (dscoder.train.lora.LoRASection), None for the other methods
     parallel: ParallelSection = field(default_factory=ParallelSection)  # torchrun: ddp | fsdp, ep
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def load_recipe(path: str | Path | None, overrides: list[str], name: str, data_c
                               f"reward, grpo); set it to false")
     lora = None
     if name == "sft":
-        from dscoder.align.lora import lora_section
+        from dscoder.train.lora import lora_section
 
         lora = lora_section(raw.get("lora", {}), source)
     parallel = parse_section(ParallelSection, raw.get("parallel", {}), "parallel", source)

@@ -221,8 +221,8 @@ def sft(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: i
     run = open_run(config, out, resume, tokenizer, main=dist_.main)
     model = build_policy(config, tokenizer, mcfg=mcfg, device=dist_.device)
     meta = {}
-    if lora is not None:  # the base frozen, adapters on the targets (dscoder.align.lora)
-        from dscoder.align.lora import apply_lora
+    if lora is not None:  # the base frozen, adapters on the targets (dscoder.train.lora)
+        from dscoder.train.lora import apply_lora
 
         apply_lora(model, lora)
         meta = {"lora": lora.to_dict()}
@@ -279,7 +279,7 @@ def sft(config: AlignConfig, out: str | Path, resume: bool = False, max_steps: i
     if not finish(dist_):  # under torchrun, rank 0 writes the adapter and the export alone
         return summary
     if step == t.steps and lora is not None:
-        from dscoder.align.lora import ADAPTER_DIR, save_adapter
+        from dscoder.train.lora import ADAPTER_DIR, save_adapter
 
         summary["adapter"] = str(save_adapter(plain, lora, run.out / ADAPTER_DIR, config.model.init))
     if step == t.steps and t.export:

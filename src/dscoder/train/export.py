@@ -120,12 +120,12 @@ def _load_weights(path: Path, meta: dict, merge_lora: bool) -> torch.nn.Module:
     if merge_lora and not lora:
         raise DscoderError(f"{path}: not a LoRA run (no adapter to merge); export it without --merge-lora")
     if lora:
-        from dscoder.align.lora import apply_lora, lora_section
+        from dscoder.train.lora import apply_lora, lora_section
 
         apply_lora(model, lora_section(lora, str(path / "meta.json")))
     ckpt.load_model_weights(path, model)
     if lora:
-        from dscoder.align.lora import merge_lora as merge
+        from dscoder.train.lora import merge_lora as merge
 
         merge(model)
     bad = nonfinite_tensors(model)
