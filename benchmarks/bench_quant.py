@@ -1,22 +1,29 @@
-"""Batch-1 decode of weight-only int8 and int4 beside bf16 and transformers, as a fraction of the memory-bandwidth
-limit, on Lite-shaped layers; and the peak memory of loading a quantized checkpoint.
+"""Batch-1 decode of bf16, int8 and int4 against the memory-bandwidth limit, beside transformers, on Lite-shaped
+layers; the compiled engine started cold and with a warm cache; and the peak memory of loading a quantized checkpoint.
 
 Model: DeepSeek-Coder-V2-Lite's layer shapes (hidden 2048, 16 heads, kv_lora 512, no q_lora, 64 experts x 1408
 top-6, 2 shared, dense 10944), one dense and one MoE layer, vocabulary 8192, random weights, bf16.
-Bandwidth: the read rate of summing every weight tensor of the loaded bf16 model, in this process (a fresh
-tensor's rate varies between processes). Limit = bandwidth / bytes one decode step reads (the checkpoint's
-tensors, the routed experts at K/E, one embedding row). Decode tok/s = (N new - 1 new) / (N - 1), greedy, plain
-decoding (no speculation), the eager default Engine; transformers' generate on the bf16 checkpoint beside it.
+Bandwidth: the read rate of summing every weight tensor of the loaded bf16 model (its bytes read as fp32, PyTorch's
+fastest streaming reduction), in this process, median of the repeats (a fresh tensor's rate varies between
+processes). Limit = bandwidth / bytes one decode step reads (the checkpoint's tensors, the routed experts at K/E,
+one embedding row). Decode tok/s = (N new - 1 new) / (N - 1), greedy, plain decoding (no speculation), each
+variant timed once per round, rounds alternating, medians: the eager default Engine (native batch-1 kernels,
+dscoder.engine.native), the same engine with those off (``DSCODER_NATIVE=0``: the model's forward), transformers'
+``generate`` (eager) on the bf16 checkpoint. Compiled: ``Engine(compile=True)`` in a child process with an empty
+inductor cache, then again in another child with the cache the first one left: start-up (load + ``warmup()``)
+seconds and tok/s.
 Loading: a child process loads each checkpoint, reads a value from every page of every tensor, and reports its
 peak resident memory (VmHWM) above what it held before.
 
-    python benchmarks/bench_quant.py [--new 32 --repeats 3 --layers-only]
+    python benchmarks/bench_quant.py [--new 32 --repeats 3 --no-transformers --no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,20 +50,36 @@ for t in m.state_dict().values():  # touch every page of every tensor (a strided
 print(hwm() - before)
 """
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+_COMPILED_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, dscoder
+prompt, new, repeats = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+e = dscoder.Engine(sys.argv[1], max_batch_size=1, max_len=len(prompt) + new + 8, speculative=False, compile=True)
+e.warmup()
+e.generate(prompt, max_tokens=new, ignore_eos=True)
+start = time.perf_counter() - t0
+rates = []
+for _ in range(repeats):
+    t = time.perf_counter(); e.generate(prompt, max_tokens=new, ignore_eos=True); full = time.perf_counter() - t
+    t = time.perf_counter(); e.generate(prompt, max_tokens=1, ignore_eos=True); one = time.perf_counter() - t
+    rates.append((new - 1) / (full - one))
+print(json.dumps({"start_s": start, "tok_s": sorted(rates)[len(rates) // 2]}))
+"""
 
 
 def read_bandwidth(model: torch.nn.Module, repeats: int) -> float:
-    """Bytes per second of summing every floating weight tensor once (median of ``repeats``)."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    return nbytes / _best(lambda: [t.sum(dtype=torch.float32) for t in tensors], repeats)
+    """Bytes per second of summing every weight tensor's bytes as fp32 (median of ``repeats``)."""
+    tensors = [t.reshape(-1).view(torch.float32) for t in model.state_dict().values()
+               if t.is_contiguous() and t.numel() * t.element_size() % 4 == 0 and t.element_size() <= 4]
+    nbytes = sum(t.numel() * 4 for t in tensors)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for t in tensors:
+            t.sum()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:])
 
 
 def main() -> int:
@@ -65,6 +88,8 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine (two child processes)")
+    ap.add_argument("--no-load", action="store_true", help="skip the loading-peak measurement")
     args = ap.parse_args()
 
     import dscoder
@@ -78,19 +103,20 @@ def main() -> int:
     names = ["bf16", "int8", "int4"]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, LITE_LAYERS["vocab_size"], (args.prompt,), generator=g).tolist()
-    engines = {n: dscoder.Engine(tmp / n, max_batch_size=1, max_len=args.prompt + args.new + 8, speculative=False)
-               for n in names}
-    bandwidth = read_bandwidth(engines["bf16"].model, args.repeats)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; read bandwidth on the loaded bf16 weights "
-          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
-    rows = {}
-    for n in names:
-        e = engines[n]
-        run = lambda k: e.generate(prompt, max_tokens=k, ignore_eos=True)  # noqa: E731
-        run(2)
-        full, one = _best(lambda: run(args.new), args.repeats), _best(lambda: run(1), args.repeats)
-        per_token = decode_bytes_per_token(tmp / n)
-        rows[n] = ((args.new - 1) / (full - one), per_token)
+    kw = dict(max_batch_size=1, max_len=args.prompt + args.new + 8, speculative=False)
+    engines = {n: dscoder.Engine(tmp / n, **kw) for n in names}
+    plain = dscoder.Engine(engines["bf16"].model, tokenizer=None, **kw)
+    plain.scheduler.native = None  # what DSCODER_NATIVE=0 gives: the model's forward for every step
+    native_on = {n: e.scheduler.native is not None for n, e in engines.items()}
+    per_token = {n: decode_bytes_per_token(tmp / n) for n in names}
+
+    def ours(engine):
+        return lambda k: engine.generate(prompt, max_tokens=k, ignore_eos=True)
+
+    runs = {f"{n} dscoder": ours(e) for n, e in engines.items()}
+    runs["bf16 dscoder, native off"] = ours(plain)
+    bytes_of = {f"{n} dscoder": per_token[n] for n in names}
+    bytes_of["bf16 dscoder, native off"] = per_token["bf16"]
     if not args.no_transformers:
         import transformers
 
@@ -101,27 +127,64 @@ def main() -> int:
             with torch.inference_mode():
                 hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
 
-        theirs(2)
-        full, one = _best(lambda: theirs(args.new), args.repeats), _best(lambda: theirs(1), args.repeats)
-        rows["transformers bf16"] = ((args.new - 1) / (full - one), decode_bytes_per_token(tmp / "bf16"))
-    print(f"\n{'weights':<18} {'file MB':>8} {'MB/token':>9} {'limit tok/s':>12} {'tok/s':>8} {'of limit':>9}")
-    for n, (tps, b) in rows.items():
+        runs["bf16 transformers"] = theirs
+        bytes_of["bf16 transformers"] = per_token["bf16"]
+    for run in runs.values():
+        run(2)
+    rates: dict[str, list[float]] = {n: [] for n in runs}
+    bandwidths = []
+    for _ in range(args.repeats):  # rounds: every variant once, so load swings hit them alike
+        bandwidths.append(read_bandwidth(engines["bf16"].model, 3))
+        for n, run in runs.items():
+            t = time.perf_counter()
+            run(args.new)
+            full = time.perf_counter() - t
+            t = time.perf_counter()
+            run(1)
+            rates[n].append((args.new - 1) / (full - (time.perf_counter() - t)))
+    bandwidth = statistics.median(bandwidths)
+    tps = {n: statistics.median(r) for n, r in rates.items()}
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}, native kernels "
+          f"{'on' if native_on['bf16'] else 'off'}; read bandwidth on the loaded bf16 weights "
+          f"{bandwidth / 1e9:.1f} GB/s (rounds: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})", flush=True)
+    print(f"\n{'decode, batch 1':<26} {'file MB':>8} {'MB/token':>9} {'limit tok/s':>12} {'tok/s':>8} {'of limit':>9}")
+    for n, r in tps.items():
+        b = bytes_of[n]
         limit = bandwidth / b["per_token"]
-        print(f"{n:<18} {b['weights'] / 1e6:>8.0f} {b['per_token'] / 1e6:>9.1f} {limit:>12.1f} {tps:>8.1f} "
-              f"{tps / limit:>9.0%}")
-    print(f"int8 / bf16 tok/s {rows['int8'][0] / rows['bf16'][0]:.2f}x"
-          + (f"; dscoder bf16 / transformers {rows['bf16'][0] / rows['transformers bf16'][0]:.2f}x"
-             if "transformers bf16" in rows else ""))
-    for e in engines.values():
+        print(f"{n:<26} {b['weights'] / 1e6:>8.0f} {b['per_token'] / 1e6:>9.1f} {limit:>12.1f} {r:>8.1f} "
+              f"{r / limit:>9.0%}")
+    print(f"int8 / bf16 {tps['int8 dscoder'] / tps['bf16 dscoder']:.2f}x; bf16 native / native off "
+          f"{tps['bf16 dscoder'] / tps['bf16 dscoder, native off']:.2f}x"
+          + (f"; bf16 dscoder / transformers {tps['bf16 dscoder'] / tps['bf16 transformers']:.2f}x"
+             if "bf16 transformers" in tps else ""))
+    for e in [*engines.values(), plain]:
         e.close()
-    del engines
-    print("\nloading peak (child process, RSS above its start):")
-    for n in names:
-        out = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(tmp / n)], capture_output=True, text=True)
-        size = decode_bytes_per_token(tmp / n)["weights"]
-        peak = int(out.stdout.strip().splitlines()[-1]) * 1024 if out.returncode == 0 else float("nan")
-        print(f"  {n}: weights {size / 1e6:.0f} MB, peak +{peak / 1e6:.0f} MB ({(peak - size) / 1e6:+.0f} MB)")
-    print(json.dumps({"bandwidth_gbps": bandwidth / 1e9, **{n: r[0] for n, r in rows.items()}}))
+    del engines, plain
+    result = {"bandwidth_gbps": bandwidth / 1e9, "load": load, **tps}
+    if not args.no_compile:
+        cache = Path(tempfile.mkdtemp())
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+        print("\ncompiled bf16 engine (child processes, one inductor cache):")
+        for label in ("cold cache", "warm cache"):
+            out = subprocess.run([sys.executable, "-c", _COMPILED_CHILD, str(tmp / "bf16"), json.dumps(prompt),
+                                  str(args.new), str(args.repeats)], capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                print(f"  {label}: failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            limit = bandwidth / per_token["bf16"]["per_token"]
+            print(f"  {label}: start-up {r['start_s']:.1f} s, {r['tok_s']:.1f} tok/s ({r['tok_s'] / limit:.0%} of the "
+                  f"limit)")
+            result[f"compiled {label}"] = r
+    if not args.no_load:
+        print("\nloading peak (child process, RSS above its start):")
+        for n in names:
+            out = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(tmp / n)], capture_output=True, text=True)
+            size = per_token[n]["weights"]
+            peak = int(out.stdout.strip().splitlines()[-1]) * 1024 if out.returncode == 0 else float("nan")
+            print(f"  {n}: weights {size / 1e6:.0f} MB, peak +{peak / 1e6:.0f} MB ({(peak - size) / 1e6:+.0f} MB)")
+    print(json.dumps(result))
     return 0
 
 

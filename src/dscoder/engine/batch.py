@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dscoder.engine.native import DecodePlan
 from dscoder.engine.sampling import Needs, RowParams, SamplingParams, sample
 from dscoder.engine.speculative import PromptLookup
 from dscoder.model import MLACache
@@ -286,6 +287,8 @@ class Scheduler:
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch, self.max_len, self.sync_every, self.pad_id = max_batch, max_len, sync_every, pad_id
         self.decode_fn = decode_fn if decode_fn is not None else model
+        # Eager engines on CPU decode a lone row through the native kernels (bf16 or int8 weights; see native.py).
+        self.native = DecodePlan.for_model(model) if decode_fn is None else None
         # Compiled decode: batch sizes 1, 2, 4, ... up to max_batch (and max_batch itself).
         self.buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}) \
             if decode_fn is not None else []
@@ -510,8 +513,11 @@ class Scheduler:
             if self.buckets:  # one graph per bucket, specialized to its batch size
                 for t, dim in ((ids, 0), (mask, 0), (pos, 0), (view.kv, 1)):
                     torch._dynamo.mark_static(t, dim)
-            logits = self._decode_call(ids, attention_mask=mask, position_ids=pos, cache=view,
-                                       start_pos=self.cursor).logits[:, -1]
+            if self.native is not None and self.native.usable(ids, mask, view, self.cursor):
+                logits = self.native.step(ids, mask, pos, view, self.cursor)
+            else:
+                logits = self._decode_call(ids, attention_mask=mask, position_ids=pos, cache=view,
+                                           start_pos=self.cursor).logits[:, -1]
             token, lp, top_ids, top_lp = sample(logits, row_params, self.steps[:nb], needs,
                                                 self.seen[:nb] if needs.penalty else None,
                                                 self.counts[:nb] if needs.counts else None)

@@ -133,6 +133,10 @@ class Engine:
         pad = tokenizer.pad_id if tokenizer is not None else (self.eos_id or 0)
         # torch.compile is lazy: the scheduler compiles on its first steps at each bucket, under its own
         # recompile limit (see Scheduler); constructing the engine changes no global setting.
+        if compile:  # compiled graphs persist under the user's cache (dscoder.engine.native.cache_root)
+            from dscoder.engine.native import use_persistent_inductor_cache
+
+            use_persistent_inductor_cache()
         decode_fn = torch.compile(model, options=COMPILE_OPTIONS) if compile else None
         self.scheduler = Scheduler(model, max_batch=max_batch_size, max_len=max_len, sync_every=sync_every,
                                    pad_id=pad, decode_fn=decode_fn, prefix_cache_bytes=prefix_cache_mb << 20,
