@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite, from the repository root on a machine with an NVIDIA GPU:
 #
-#     bash benchmarks/gpu_suite.sh [--install-only] [OUT_DIR]
+#     bash benchmarks/gpu_suite.sh [--install-only | --tests-only] [OUT_DIR]
 #
 # (--install-only stops after step 1: on a machine whose commands are time-limited, install in one call and run
 # the suite in the next, which reuses the environment.)
@@ -19,7 +19,9 @@
 set -u
 cd "$(dirname "$0")/.."
 INSTALL_ONLY=0
+TESTS_ONLY=0
 if [ "${1:-}" = "--install-only" ]; then INSTALL_ONLY=1; shift; fi
+if [ "${1:-}" = "--tests-only" ]; then TESTS_ONLY=1; shift; fi
 OUT="${1:-build/gpu-suite}"
 mkdir -p "$OUT"
 VENV="${GPU_VENV:-build/gpu-venv}"
@@ -101,6 +103,7 @@ OMP_NUM_THREADS=4 timeout 330 "$PY" -m pytest tests/test_gpu.py -v -rs -s -p no:
     grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|NVIDIA|Error|assert" | head -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+if [ "$TESTS_ONLY" = 1 ]; then stamp "done (status $status; --tests-only); logs in $OUT"; exit $status; fi
 stamp "benchmarks/bench_gpu.py"
 timeout 200 "$PY" benchmarks/bench_gpu.py --budget-s 90 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
