@@ -58,7 +58,8 @@ def test_fsdp_ep_checkpoint_shards(runs):
 
     meta = dcp.FileSystemReader(str(runs[1] / "checkpoints" / f"step-{STEPS:06d}")).read_metadata()
     chunks = {k: sorted((c.offsets[0], c.sizes[0]) for c in meta.state_dict_metadata[k].chunks) for k in
-              ("model.model.layers.1.mlp.experts.gate_up_proj", "optim.state.model.layers.1.mlp.experts.down_proj.exp_avg",
+              ("model.model.layers.1.mlp.experts.gate_up_proj",
+               "optim.state.model.layers.1.mlp.experts.down_proj.exp_avg",
                "model.model.layers.1.self_attn.o_proj.weight", "model.model.embed_tokens.weight")}
     assert chunks["model.model.layers.1.mlp.experts.gate_up_proj"] == [(0, 4), (4, 4)]
     assert chunks["optim.state.model.layers.1.mlp.experts.down_proj.exp_avg"] == [(0, 4), (4, 4)]
