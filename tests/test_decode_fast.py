@@ -71,9 +71,36 @@ def test_native_step_without_mask_and_quantized():
         close(got, want)
 
 
+def test_portable_kernels_take_the_same_step(portable, monkeypatch):
+    model = bf16_model()
+    want, got, _, _ = plain_and_native(model)
+    monkeypatch.setattr(native, "library", lambda: portable)
+    for m in (model, quantize_model(model, 8)):
+        want, got, _, _ = plain_and_native(m)
+        close(got, want)
+
+
+@pytest.fixture(scope="module")
+def portable(tmp_path_factory):
+    """The kernels built without -march=native: the portable loops instead of the AVX512 ones."""
+    import os
+
+    old = os.environ.get("DSCODER_CACHE")
+    os.environ["DSCODER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return native._load(native._build([["-O3", "-fopenmp"]]))
+    finally:
+        if old is None:
+            del os.environ["DSCODER_CACHE"]
+        else:
+            os.environ["DSCODER_CACHE"] = old
+
+
+@pytest.mark.parametrize("which", ["native", "portable"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("N,K", [(37, 50), (64, 96), (5, 2048)])
-def test_linear_kernel_equals_f_linear(N, K, threads):
+def test_linear_kernel_equals_f_linear(N, K, threads, which, request):
+    lib = native.library() if which == "native" else request.getfixturevalue("portable")
     g = torch.Generator().manual_seed(N * K)
     x = torch.randn(1, K, generator=g).to(torch.bfloat16)
     w = torch.randn(N, K, generator=g).to(torch.bfloat16)

@@ -287,8 +287,9 @@ class Scheduler:
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.max_batch, self.max_len, self.sync_every, self.pad_id = max_batch, max_len, sync_every, pad_id
         self.decode_fn = decode_fn if decode_fn is not None else model
-        # Eager engines on CPU decode a lone row through the native kernels (bf16 or int8 weights; see native.py).
-        self.native = DecodePlan.for_model(model) if decode_fn is None else None
+        # On CPU a lone row (batch 1) decodes through the native kernels when the weights are bf16 or int8 (see
+        # native.py), compiled engines too: at batch 1 they stream the weights faster than the compiled graph.
+        self.native = DecodePlan.for_model(model)
         # Compiled decode: batch sizes 1, 2, 4, ... up to max_batch (and max_batch itself).
         self.buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)}) \
             if decode_fn is not None else []

@@ -7,6 +7,9 @@
  * where the plain PyTorch path rounds. ``nt`` is the thread count of each parallel region.
  */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,7 +96,7 @@ static float dot1_bf16(const uint16_t *x, const uint16_t *w, int64_t K) {
 }
 
 /* out[r] = dot(q_r, x) for four int8 rows, x in fp32 (scales applied by the caller). */
-static void dot4_i8(const float *x, const int8_t *const w[ROWS], int64_t K, float out[ROWS]) {
+__attribute__((unused)) static void dot4_i8(const float *x, const int8_t *const w[ROWS], int64_t K, float out[ROWS]) {
     int64_t k = 0;
 #if defined(__AVX512F__)
     __m512 a[ROWS], b[ROWS];
@@ -114,9 +117,95 @@ static void dot4_i8(const float *x, const int8_t *const w[ROWS], int64_t K, floa
         for (int r = 0; r < ROWS; r++) out[r] += (float)w[r][k] * x[k];
 }
 
+/* An activation for int8 products: its fp32 values, and (with AVX512-VNNI) the same values as fixed point
+ * x = s * v, |v| < 2^22, s a power of two (every bf16 value within 15 binades of the largest is exact, the rest
+ * within s / 2 = max|x| 2^-23), v split into three signed bytes v = d0 + 256 d1 + 65536 d2. A row's product is then
+ * exact integer arithmetic: with u = q + 128 (unsigned), sum q v = sum u d0 + 256 sum u d1 + 65536 sum u d2 -
+ * 128 sum v, three VNNI byte dot products per 64 weights instead of widening every weight to fp32 (which made the
+ * int8 product compute-bound). */
+typedef struct {
+    const float *xf;
+    int8_t *d[3];
+    double s;
+    int64_t corr; /* 128 * sum v */
+} act_t;
+
+static void act_prep(const float *xf, int64_t K, act_t *a) {
+    a->xf = xf;
+    a->d[0] = a->d[1] = a->d[2] = NULL;
+    a->s = 1.0;
+    a->corr = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    float mx = 0.0f;
+    for (int64_t k = 0; k < K; k++) mx = fabsf(xf[k]) > mx ? fabsf(xf[k]) : mx;
+    int e = 0;
+    if (mx > 0.0f && isfinite(mx)) frexpf(mx, &e); /* mx < 2^e */
+    a->s = ldexp(1.0, e - 22);
+    int8_t *buf = (int8_t *)malloc(3 * (size_t)(K > 0 ? K : 1));
+    int64_t total = 0;
+    for (int64_t k = 0; k < K; k++) {
+        double f = nearbyint((double)xf[k] / a->s);
+        int32_t v = (int32_t)(f > 4194303.0 ? 4194303.0 : (f < -4194303.0 ? -4194303.0 : f));
+        total += v;
+        int32_t d0 = (int32_t)(int8_t)(uint8_t)(v & 0xff); /* balanced digits in [-128, 127] */
+        int32_t r = (v - d0) / 256;
+        int32_t d1 = (int32_t)(int8_t)(uint8_t)(r & 0xff);
+        buf[k] = (int8_t)d0;
+        buf[K + k] = (int8_t)d1;
+        buf[2 * K + k] = (int8_t)((r - d1) / 256); /* |.| <= 64 */
+    }
+    a->corr = 128 * total;
+    a->d[0] = buf, a->d[1] = buf + K, a->d[2] = buf + 2 * K;
+#else
+    (void)K;
+#endif
+}
+
+static void act_free(act_t *a) { free(a->d[0]); }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static inline int64_t sum_epi32(__m512i v) {
+    __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
+    __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1));
+    return _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+}
+
+static void dot4_i8_vnni(const act_t *x, const int8_t *const w[ROWS], int64_t K, float out[ROWS]) {
+    __m512i a0[ROWS], a1[ROWS], a2[ROWS];
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = a2[r] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512i d0 = _mm512_loadu_si512(x->d[0] + k), d1 = _mm512_loadu_si512(x->d[1] + k),
+                d2 = _mm512_loadu_si512(x->d[2] + k);
+        for (int r = 0; r < ROWS; r++) {
+            __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip);
+            a0[r] = _mm512_dpbusd_epi32(a0[r], u, d0);
+            a1[r] = _mm512_dpbusd_epi32(a1[r], u, d1);
+            a2[r] = _mm512_dpbusd_epi32(a2[r], u, d2);
+        }
+    }
+    if (k < K) { /* masked tail: digits 0 there, so whatever u holds adds nothing */
+        __mmask64 m = ((__mmask64)1 << (K - k)) - 1;
+        __m512i d0 = _mm512_maskz_loadu_epi8(m, x->d[0] + k), d1 = _mm512_maskz_loadu_epi8(m, x->d[1] + k),
+                d2 = _mm512_maskz_loadu_epi8(m, x->d[2] + k);
+        for (int r = 0; r < ROWS; r++) {
+            __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[r] + k), flip);
+            a0[r] = _mm512_dpbusd_epi32(a0[r], u, d0);
+            a1[r] = _mm512_dpbusd_epi32(a1[r], u, d1);
+            a2[r] = _mm512_dpbusd_epi32(a2[r], u, d2);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        int64_t t = sum_epi32(a0[r]) + 256 * sum_epi32(a1[r]) + 65536 * sum_epi32(a2[r]) - x->corr;
+        out[r] = (float)((double)t * x->s);
+    }
+}
+#endif
+
 /* Rows [r0, r0 + n) (n <= ROWS) of W [*, K] (row stride K) times x: fp32 results, scale applied for int8. */
 static void rows_dot(const void *w, int wtype, const uint16_t *scale, int64_t r0, int n, int64_t K,
-                     const uint16_t *xb, const float *xf, float *out) {
+                     const uint16_t *xb, const act_t *xa, float *out) {
     float tmp[ROWS];
     if (wtype == 0) {
         const uint16_t *p[ROWS];
@@ -126,7 +215,11 @@ static void rows_dot(const void *w, int wtype, const uint16_t *scale, int64_t r0
     } else {
         const int8_t *p[ROWS];
         for (int r = 0; r < ROWS; r++) p[r] = (const int8_t *)w + (r0 + (r < n ? r : n - 1)) * K;
-        dot4_i8(xf, p, K, tmp);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        dot4_i8_vnni(xa, p, K, tmp);
+#else
+        dot4_i8(xa->xf, p, K, tmp);
+#endif
         for (int r = 0; r < n; r++) out[r] = tmp[r] * bf2f(scale[r0 + r]);
     }
 }
@@ -142,17 +235,20 @@ static float *to_f32(const uint16_t *x, int64_t K) {
 void dsc_linear(const uint16_t *x, const void *w, const uint16_t *scale, int wtype, int64_t N, int64_t K,
                 uint16_t *y, const uint16_t *add, int nt) {
     float *xf = wtype == 1 ? to_f32(x, K) : NULL;
+    act_t xa = {0};
+    if (wtype == 1) act_prep(xf, K, &xa);
     int64_t nblk = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t b = 0; b < nblk; b++) {
         float o[ROWS];
         int n = (int)(N - b * ROWS < ROWS ? N - b * ROWS : ROWS);
-        rows_dot(w, wtype, scale, b * ROWS, n, K, x, xf, o);
+        rows_dot(w, wtype, scale, b * ROWS, n, K, x, &xa, o);
         for (int r = 0; r < n; r++) {
             int64_t i = b * ROWS + r;
             y[i] = add ? f2bf(bf2f(add[i]) + bf2f(f2bf(o[r]))) : f2bf(o[r]);
         }
     }
+    if (wtype == 1) act_free(&xa);
     free(xf);
 }
 
@@ -174,12 +270,12 @@ void dsc_router(const uint16_t *x, const uint16_t *w, int64_t E, int64_t D, int6
                 int64_t *ids, float *weights) {
     float sc[1024];
     float mx = -INFINITY, tot = 0.0f;
-    for (int64_t e = 0; e < E; e++) {
-        float d = 0.0f;
-        for (int64_t k = 0; k < D; k++) d += bf2f(w[e * D + k]) * bf2f(x[k]);
-        sc[e] = d;
-        if (d > mx) mx = d;
+    for (int64_t e0 = 0; e0 < E; e0 += ROWS) {
+        int n = (int)(E - e0 < ROWS ? E - e0 : ROWS);
+        rows_dot(w, 0, NULL, e0, n, D, x, NULL, sc + e0);
     }
+    for (int64_t e = 0; e < E; e++)
+        if (sc[e] > mx) mx = sc[e];
     for (int64_t e = 0; e < E; e++) {
         sc[e] = expf(sc[e] - mx);
         tot += sc[e];
@@ -211,6 +307,8 @@ void dsc_swiglu(const uint16_t *x, const void *gate, const void *up, const void 
                 int64_t ds_stride, float *acc, uint16_t *res, int nt) {
     int64_t es = wtype == 1 ? 1 : 2; /* element size */
     float *xf = wtype == 1 ? to_f32(x, D) : NULL;
+    act_t xa = {0}, aa[64];
+    if (wtype == 1) act_prep(xf, D, &xa);
     float *gu = (float *)malloc(sizeof(float) * 2 * nk * I);
     float *act = (float *)malloc(sizeof(float) * nk * I);
     uint16_t *actb = (uint16_t *)malloc(sizeof(uint16_t) * nk * I);
@@ -229,7 +327,7 @@ void dsc_swiglu(const uint16_t *x, const void *gate, const void *up, const void 
             int n = (int)(I - r0 < ROWS ? I - r0 : ROWS);
             const char *base = (const char *)(which ? up : gate) + e_of[k] * gu_stride * es;
             const uint16_t *sc = wtype == 1 ? (which ? up_s : gate_s) + e_of[k] * gus_stride : NULL;
-            rows_dot(base, wtype, sc, r0, n, D, x, xf, gu + (2 * k + which) * I + r0);
+            rows_dot(base, wtype, sc, r0, n, D, x, &xa, gu + (2 * k + which) * I + r0);
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < nk * I; j++) {
@@ -240,6 +338,10 @@ void dsc_swiglu(const uint16_t *x, const void *gate, const void *up, const void 
             actb[j] = f2bf(g / (1.0f + expf(-g)) * u * c_of[k]);
             act[j] = bf2f(actb[j]);
         }
+        if (wtype == 1) {
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < nk; k++) act_prep(act + k * I, I, &aa[k]);
+        }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < dblk; b++) {
             int64_t r0 = b * ROWS;
@@ -248,7 +350,7 @@ void dsc_swiglu(const uint16_t *x, const void *gate, const void *up, const void 
             for (int64_t k = 0; k < nk; k++) {
                 const char *base = (const char *)down + e_of[k] * d_stride * es;
                 const uint16_t *sc = wtype == 1 ? down_s + e_of[k] * ds_stride : NULL;
-                rows_dot(base, wtype, sc, r0, n, I, actb + k * I, act + k * I, o);
+                rows_dot(base, wtype, sc, r0, n, I, actb + k * I, &aa[k], o);
                 for (int r = 0; r < n; r++) sum[r] += o[r];
             }
             for (int r = 0; r < n; r++) {
@@ -256,6 +358,10 @@ void dsc_swiglu(const uint16_t *x, const void *gate, const void *up, const void 
                 if (res) res[r0 + r] = f2bf(bf2f(res[r0 + r]) + bf2f(f2bf(acc[r0 + r])));
             }
         }
+    }
+    if (wtype == 1) {
+        act_free(&xa);
+        for (int64_t k = 0; k < nk; k++) act_free(&aa[k]);
     }
     free(xf);
     free(gu);
@@ -286,59 +392,76 @@ void dsc_mla_decode(const uint16_t *q, const uint16_t *kv, const uint16_t *ln, f
         row[C + 2 * i] = f2bf(x0 * cosv[i] - x1 * sinv[i]);
         row[C + 2 * i + 1] = f2bf(x0 * sinv[i] + x1 * cosv[i]);
     }
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t h = 0; h < H; h++) {
-        const uint16_t *qh = q + h * (Nd + R);
-        const uint16_t *wh = wkv + h * (Nd + V) * C;
-        float *qc = (float *)malloc(sizeof(float) * E);
-        uint16_t *qcb = (uint16_t *)malloc(sizeof(uint16_t) * E);
-        float *p = (float *)malloc(sizeof(float) * S);
-        float *o = (float *)calloc(C, sizeof(float));
+    /* Each thread takes a contiguous group of heads and streams the cache rows once for all of them (a row is read
+     * from memory once per thread, not once per head). */
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+        int nth = 1, tid = 0;
+#endif
+        int64_t h0 = H * tid / nth, h1 = H * (tid + 1) / nth, nh = h1 - h0;
+        uint16_t *qcb = (uint16_t *)malloc(sizeof(uint16_t) * (nh > 0 ? nh : 1) * E);
+        float *qc = (float *)malloc(sizeof(float) * C);
+        float *p = (float *)malloc(sizeof(float) * (nh > 0 ? nh : 1) * S);
+        float *o = (float *)calloc((size_t)(nh > 0 ? nh : 1) * C, sizeof(float));
         uint16_t *ob = (uint16_t *)malloc(sizeof(uint16_t) * C);
-        for (int64_t c = 0; c < C; c++) qc[c] = 0.0f;
-        for (int64_t n = 0; n < Nd; n++) { /* q_nope W_UK: rows of W_UK scaled and summed */
-            float a = bf2f(qh[n]);
-            const uint16_t *wr = wh + n * C;
-            for (int64_t c = 0; c < C; c++) qc[c] += a * bf2f(wr[c]);
-        }
-        for (int64_t c = 0; c < C; c++) qcb[c] = f2bf(qc[c]);
-        for (int64_t i = 0; i < half; i++) {
-            float x0 = bf2f(qh[Nd + 2 * i]), x1 = bf2f(qh[Nd + 2 * i + 1]);
-            qcb[C + 2 * i] = f2bf(x0 * cosv[i] - x1 * sinv[i]);
-            qcb[C + 2 * i + 1] = f2bf(x0 * sinv[i] + x1 * cosv[i]);
-        }
-        float mx = -INFINITY;
-        for (int64_t s = 0; s < S; s++) {
-            if (mask && !mask[s]) {
-                p[s] = -INFINITY;
-                continue;
+        for (int64_t j = 0; j < nh; j++) { /* absorbed query: [q_nope W_UK | rotated q_rope], rounded to bf16 */
+            const uint16_t *qh = q + (h0 + j) * (Nd + R);
+            const uint16_t *wh = wkv + (h0 + j) * (Nd + V) * C;
+            for (int64_t c = 0; c < C; c++) qc[c] = 0.0f;
+            for (int64_t n = 0; n < Nd; n++) { /* rows of W_UK scaled and summed */
+                float a = bf2f(qh[n]);
+                const uint16_t *wr = wh + n * C;
+                for (int64_t c = 0; c < C; c++) qc[c] += a * bf2f(wr[c]);
             }
-            p[s] = dot1_bf16(qcb, cache + s * E, E) * scale;
-            if (p[s] > mx) mx = p[s];
+            uint16_t *qj = qcb + j * E;
+            for (int64_t c = 0; c < C; c++) qj[c] = f2bf(qc[c]);
+            for (int64_t i = 0; i < half; i++) {
+                float x0 = bf2f(qh[Nd + 2 * i]), x1 = bf2f(qh[Nd + 2 * i + 1]);
+                qj[C + 2 * i] = f2bf(x0 * cosv[i] - x1 * sinv[i]);
+                qj[C + 2 * i + 1] = f2bf(x0 * sinv[i] + x1 * cosv[i]);
+            }
         }
-        float tot = 0.0f;
-        for (int64_t s = 0; s < S; s++) {
-            p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
-            tot += p[s];
-        }
-        for (int64_t s = 0; s < S; s++) {
-            if (p[s] == 0.0f) continue;
-            float a = p[s] / tot;
+        for (int64_t s = 0; s < S; s++) { /* scores, all of this thread's heads per cache row */
             const uint16_t *cr = cache + s * E;
-            for (int64_t c = 0; c < C; c++) o[c] += a * bf2f(cr[c]);
+            for (int64_t j = 0; j < nh; j++)
+                p[j * S + s] = (mask && !mask[s]) ? -INFINITY : dot1_bf16(qcb + j * E, cr, E) * scale;
         }
-        for (int64_t c = 0; c < C; c++) ob[c] = f2bf(o[c]);
-        const uint16_t *wv = wh + Nd * C; /* W_UV: V rows of C */
-        for (int64_t v0 = 0; v0 < V; v0 += ROWS) {
-            int n = (int)(V - v0 < ROWS ? V - v0 : ROWS);
-            float d[ROWS];
-            const uint16_t *w4[ROWS];
-            for (int r = 0; r < ROWS; r++) w4[r] = wv + (v0 + (r < n ? r : n - 1)) * C;
-            dot4_bf16(ob, w4, C, d);
-            for (int r = 0; r < n; r++) out[h * V + v0 + r] = f2bf(d[r]);
+        for (int64_t j = 0; j < nh; j++) { /* softmax per head */
+            float *pj = p + j * S, mx = -INFINITY, tot = 0.0f;
+            for (int64_t s = 0; s < S; s++) mx = pj[s] > mx ? pj[s] : mx;
+            for (int64_t s = 0; s < S; s++) {
+                pj[s] = pj[s] == -INFINITY ? 0.0f : expf(pj[s] - mx);
+                tot += pj[s];
+            }
+            for (int64_t s = 0; s < S; s++) pj[s] /= tot;
         }
-        free(qc);
+        for (int64_t s = 0; s < S; s++) { /* the softmax-weighted latents, all heads per cache row */
+            const uint16_t *cr = cache + s * E;
+            for (int64_t j = 0; j < nh; j++) {
+                float a = p[j * S + s];
+                if (a == 0.0f) continue;
+                float *oj = o + j * C;
+                for (int64_t c = 0; c < C; c++) oj[c] += a * bf2f(cr[c]);
+            }
+        }
+        for (int64_t j = 0; j < nh; j++) { /* through W_UV: V rows of C per head */
+            int64_t h = h0 + j;
+            const uint16_t *wv = wkv + (h * (Nd + V) + Nd) * C;
+            for (int64_t c = 0; c < C; c++) ob[c] = f2bf(o[j * C + c]);
+            for (int64_t v0 = 0; v0 < V; v0 += ROWS) {
+                int n = (int)(V - v0 < ROWS ? V - v0 : ROWS);
+                float d[ROWS];
+                const uint16_t *w4[ROWS];
+                for (int r = 0; r < ROWS; r++) w4[r] = wv + (v0 + (r < n ? r : n - 1)) * C;
+                dot4_bf16(ob, w4, C, d);
+                for (int r = 0; r < n; r++) out[h * V + v0 + r] = f2bf(d[r]);
+            }
+        }
         free(qcb);
+        free(qc);
         free(p);
         free(o);
         free(ob);
