@@ -132,8 +132,10 @@ class Engine:
         self.eos_id = tokenizer.eos_id if tokenizer is not None else model.config.eos_token_id
         pad = tokenizer.pad_id if tokenizer is not None else (self.eos_id or 0)
         # torch.compile is lazy: the scheduler compiles on its first steps at each bucket, under its own
-        # recompile limit (see Scheduler); constructing the engine changes no global setting.
-        if compile:  # compiled graphs persist under the user's cache (dscoder.engine.native.cache_root)
+        # recompile limit (see Scheduler); constructing the engine changes no torch setting. The one process-wide
+        # change: a compiled engine sets TORCHINDUCTOR_CACHE_DIR when unset, so its graphs persist under the user's
+        # cache (dscoder.engine.native.cache_root) instead of /tmp.
+        if compile:
             from dscoder.engine.native import use_persistent_inductor_cache
 
             use_persistent_inductor_cache()
