@@ -164,10 +164,9 @@ static void act_prep(const float *xf, int64_t K, act_t *a) {
 static void act_free(act_t *a) { free(a->d[0]); }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-static inline int64_t sum_epi32(__m512i v) {
-    __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
-    __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1));
-    return _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+static inline __m512i widen_epi32(__m512i v) { /* 16 int32 lanes -> 8 int64 lanes, pairwise summed */
+    return _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                            _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
 }
 
 static void dot4_i8_vnni(const act_t *x, const int8_t *const w[ROWS], int64_t K, float out[ROWS]) {
@@ -196,9 +195,10 @@ static void dot4_i8_vnni(const act_t *x, const int8_t *const w[ROWS], int64_t K,
             a2[r] = _mm512_dpbusd_epi32(a2[r], u, d2);
         }
     }
-    for (int r = 0; r < ROWS; r++) {
-        int64_t t = sum_epi32(a0[r]) + 256 * sum_epi32(a1[r]) + 65536 * sum_epi32(a2[r]) - x->corr;
-        out[r] = (float)((double)t * x->s);
+    for (int r = 0; r < ROWS; r++) { /* widen to int64 lanes, combine the digits there, one horizontal sum */
+        __m512i t = _mm512_add_epi64(widen_epi32(a0[r]), _mm512_add_epi64(_mm512_slli_epi64(widen_epi32(a1[r]), 8),
+                                                                         _mm512_slli_epi64(widen_epi32(a2[r]), 16)));
+        out[r] = (float)((double)(_mm512_reduce_add_epi64(t) - x->corr) * x->s);
     }
 }
 #endif
