@@ -14,6 +14,7 @@ from dscoder.config import ModelConfig
 from dscoder.errors import CheckpointError, ConfigError, DscoderError
 from dscoder.model import DeepseekV2, MLACache, ModelOutput
 from dscoder.model.build import build_model, load_model, save_model
+from dscoder import quant as _quant  # noqa: F401  (registers quantized checkpoints with load_model)
 
 __version__ = "0.1.0"
 

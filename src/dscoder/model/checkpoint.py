@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -65,16 +66,26 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+# Other layouts of a DeepSeek-V2 checkpoint directory, tried before the plain HF one: (recognises(directory),
+# load(directory, dtype=, device=)). The packages built on the model register theirs (dscoder.quant its quantized
+# checkpoints), so the model package never imports them.
+CHECKPOINT_FORMATS: list[tuple[Callable[[Path], bool], Callable[..., DeepseekV2]]] = []
+
+
+def register_checkpoint_format(recognises: Callable[[Path], bool], load: Callable[..., DeepseekV2]) -> None:
+    """Have :func:`load_checkpoint` hand a directory ``recognises`` accepts to ``load``."""
+    CHECKPOINT_FORMATS.append((recognises, load))
+
+
 def load_checkpoint(directory: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str = "cpu") -> DeepseekV2:
     """Load an HF-format DeepSeek-V2 checkpoint directory; ``dtype`` None keeps the stored dtype."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
-    from dscoder.quant.checkpoint import is_quantized, load_quantized
-
-    if is_quantized(directory):  # written by `dscoder quantize`: integer weights, memory-mapped
-        return load_quantized(directory, dtype=parse_dtype(dtype), device=device)
+    for recognises, load in CHECKPOINT_FORMATS:  # e.g. `dscoder quantize`'s: integer weights, memory-mapped
+        if recognises(directory):
+            return load(directory, dtype=parse_dtype(dtype), device=device)
     config = ModelConfig.from_json_file(directory / "config.json")
     dtype = parse_dtype(dtype)
     files = _weight_files(directory)
