@@ -304,8 +304,10 @@ def test_compiled_decode_matches_eager(ckpt, engine, capsys):
         assert e.generate(PROMPTS[1], max_tokens=10, ignore_eos=True).token_ids == want[1].token_ids
         # alone and greedy with a repeat in the prompt: compiled speculative verify steps (graphs from warmup)
         repeat = list(range(20, 50)) * 2 + [20, 21]
-        seq = e.submit(repeat, SamplingParams(max_tokens=12, ignore_eos=True))
-        assert e.wait(seq).token_ids == engine.generate(repeat, max_tokens=12, ignore_eos=True).token_ids
+        # (a random model's greedy tokens fall into a cycle within some dozens of steps: from then on every step
+        # has a draft, whatever the tokenizer that shaped the checkpoint)
+        seq = e.submit(repeat, SamplingParams(max_tokens=48, ignore_eos=True))
+        assert e.wait(seq).token_ids == engine.generate(repeat, max_tokens=48, ignore_eos=True).token_ids
         assert seq.spec_steps > 0
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert torch._dynamo.config.get_config_copy() == dynamo_before  # compiling left no global setting changed
