@@ -194,7 +194,9 @@ def test_cli_serve_answers_and_stops_on_ctrl_c(tiny_checkpoint):
     code = "import sys; from dscoder.cli import main; sys.exit(main())"
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(ckpt), "--port", str(port),
                              "--max-len", "64", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # Ctrl-C's default, even when this runs as a shell's background job (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
         while time.time() < deadline:
