@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DscoderError as e:
-        print(f"dscoder: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"dscoder: error: {e}\n")  # one write: ranks sharing a stderr do not splice their lines
         return 2
     except KeyboardInterrupt:
         print("dscoder: interrupted", file=sys.stderr)
