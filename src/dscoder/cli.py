@@ -192,6 +192,11 @@ def train_pretrain(args: argparse.Namespace) -> int:
 
     config = TrainConfig.load(args.config, args.overrides)
     last = pretrain(config, args.out, resume=args.resume)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # under torchrun: every rank is done, so end the group
+        dist.barrier()  # before exit (left to interpreter teardown, gloo's threads could abort a rank)
+        dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0 and last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, balance loss {last['aux_loss']:.4f}, "
               f"{last['tokens_per_s']:.0f} tokens/s, MFU {last['mfu']:.1%}")
