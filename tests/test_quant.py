@@ -52,6 +52,19 @@ def test_kernels_equal_dequantize_then_matmul():
     assert (kernels.dequantize_int4(q4, s4) - w).norm() / w.norm() < 0.11  # 4 bits on Gaussian weights: ~9.5%
 
 
+
+def test_int4_repack_in_row_blocks_equals_whole_matrix():
+    """int4_runtime packs INT4_PACK_ROWS rows per call (the CPU layout packs 64-row blocks alone): the result equals
+    one call on the whole padded matrix."""
+    g = torch.Generator().manual_seed(4)
+    N, K = 2 * kernels.INT4_PACK_ROWS + 72, 128  # two full blocks, a partial one, and padding to 16
+    q, s = kernels.quantize_int4(torch.randn(N, K, generator=g), 32)
+    packed, sz = kernels.int4_runtime(q, s)
+    codes = torch.full((N + 8, K), 8, dtype=torch.int32)
+    codes[:N] = kernels.int4_codes(q)
+    assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(codes, 2))
+    assert torch.equal(sz[:, :N, 0], s.t().to(sz.dtype)) and not sz[:, N:].any() and not sz[..., 1].any()
+
 def test_int8_on_weights_with_order_one_logits():
     """The stricter case for int8: weights ~ N(0, 1/fan_in), so logits are O(1) and errors do not hide."""
     model = tiny_model(seed=5, **SHAPES).to(torch.bfloat16)
@@ -161,3 +174,39 @@ def test_quantize_errors_are_one_line(saved, tmp_path):
     assert_one_line_error(run("generate", "--model", str(broken), "[1, 2]"), "truncated or damaged")
     with pytest.raises(dscoder.DscoderError, match="quantized"):
         dscoder.save_model(dscoder.load_model(saved / "int8"), tmp_path / "c")
+
+
+
+_LOAD_PEAK = """
+import sys
+from pathlib import Path
+from dscoder.quant import load_quantized
+def hwm():  # peak resident KiB of this process
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
+before = hwm()
+m = load_quantized(sys.argv[1], layout=sys.argv[2] if len(sys.argv) > 2 else None)
+for t in m.state_dict().values():  # every page of every tensor
+    t.reshape(-1)[::1024].float().sum()
+print((hwm() - before) * 1024)
+"""
+
+
+def test_int4_loading_holds_its_weights_about_once(tmp_path, monkeypatch):
+    """Loading an int4 checkpoint for the CPU kernel repacks its weights; its peak stays within half the checkpoint's
+    size of loading the same file in the reference layout (views of the file, nothing copied). Holding the stored and
+    the repacked weights at once (or a list of repacked experts and their stack) adds a whole size or more. Experts
+    dominate the model (about 27 MB of int4) so that a copy stands out of the process's fixed costs (~80 MB)."""
+    monkeypatch.setattr(kernels, "INT4_CLIP_SEARCH", (1.0,))  # faster quantization; the scheme is not under test
+    cfg = tiny_config(vocab_size=128, hidden_size=256, moe_intermediate_size=512, n_routed_experts=64,
+                      num_experts_per_tok=4, num_hidden_layers=2, first_k_dense_replace=0, n_shared_experts=1)
+    dscoder.save_model(dscoder.build_model(cfg, dtype="bfloat16", seed=0), tmp_path / "bf16", dtype="bfloat16")
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "int4", bits=4, group_size=64)
+    size = _weight_bytes(tmp_path / "int4")
+    growth = {}
+    for layout in ("int4", "reference"):
+        r = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(tmp_path / "int4"), layout], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        growth[layout] = int(r.stdout.split()[-1])
+    assert size > 25e6
+    assert growth["int4"] <= growth["reference"] + 0.5 * size, (growth, size)

@@ -8,7 +8,8 @@ safetensors shards. A quantized matrix ``NAME.weight`` is stored as ``NAME.weigh
 
 Loading maps each file privately (copy-on-write) and takes int8 weights and the high-precision tensors as views of
 the mapping, so the weights are in memory once (the page cache's copy); int4 weights are repacked for the kernel one
-tensor at a time.
+matrix at a time into preallocated buffers, and each stored matrix's pages are dropped from the mapping once it is
+repacked, so loading holds the int4 weights about once too.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def _read_config(directory: Path) -> tuple[ModelConfig, dict]:
 
 
 # ----- reading -------------------------------------------------------------------------------------------------
-def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file as a view of a private (copy-on-write) mapping of it."""
+def mmap_safetensors(path: Path, mappings: list | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of a private (copy-on-write) mapping of it (the mapping is
+    appended to ``mappings`` when given)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -73,6 +75,8 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if mm is not None and mappings is not None:
+        mappings.append(mm)
     out = {}
     for key, meta in header.items():
         if key == "__metadata__":
@@ -124,8 +128,10 @@ def load_quantized(directory: str | Path, dtype: torch.dtype | None = None, devi
     bits, group = q["bits"], q.get("group_size")
     layout = layout or default_layout(bits, device)
     stored: dict[str, torch.Tensor] = {}
+    mappings: list[mmap.mmap] = []
     for f in _shards(directory):
-        stored.update(mmap_safetensors(f))
+        stored.update(mmap_safetensors(f, mappings))
+    release = _page_dropper(mappings)
     store_dtype = stored["model.embed_tokens.weight"].dtype if "model.embed_tokens.weight" in stored else None
     dtype = dtype or store_dtype or torch.bfloat16
     with torch.device("meta"):
@@ -150,7 +156,8 @@ def load_quantized(directory: str | Path, dtype: torch.dtype | None = None, devi
     for key in wanted:
         if key.endswith(".qweight"):
             prefix = key.removesuffix(".qweight")
-            qw, sc = (_aligned(t) for t in to_runtime(bits, layout, stored[key], stored[prefix + ".scales"], dtype))
+            runtime = to_runtime(bits, layout, stored[key], stored[prefix + ".scales"], dtype, release)
+            qw, sc = (_aligned(t) for t in runtime)
             state[key], state[prefix + ".scales"] = qw.to(device), sc.to(device)
         elif not key.endswith(".scales"):
             state[key] = stored[key].to(device=device, dtype=dtype)  # a view of the mapping when nothing changes
@@ -160,6 +167,27 @@ def load_quantized(directory: str | Path, dtype: torch.dtype | None = None, devi
     model.reset_buffers()
     model.quantization = {"bits": bits, "group_size": group}
     return model
+
+
+def _page_dropper(mappings: list[mmap.mmap]):
+    """``drop(t)``: forget the pages of the mapped tensor ``t`` (those wholly inside it) after it has been copied
+    elsewhere. The mappings are private and unwritten, so a later read would fetch the file's bytes again; what it
+    saves is resident memory while int4 weights are repacked (the stored codes and their repacked copy at once)."""
+    if not mappings or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    spans = [(torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr(), len(mm), mm) for mm in mappings]
+
+    def drop(t: torch.Tensor) -> None:
+        a, n = t.data_ptr(), t.numel() * t.element_size()
+        for base, size, mm in spans:
+            if base <= a and a + n <= base + size:
+                page = mmap.PAGESIZE
+                lo, hi = -(-(a - base) // page) * page, (a + n - base) // page * page
+                if hi > lo:
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                return
+
+    return drop
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -68,14 +68,31 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (codes.view(*lead, N, G, K // G) * scale.float()[..., None]).view(*lead, N, K).to(dtype)
 
 
-def int4_runtime(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored int4 ``(q [N, K/2], scale [N, G])`` → the CPU kernel's ``(packed [N, K/2], scale_zeros [G, N, 2])``
-    (zero points 0: the format is symmetric); N is padded to a multiple of 16."""
-    pad = -q.shape[0] % 16  # the kernel takes N in multiples of 16: zero rows (code 8, scale 0), sliced off after
-    codes = F.pad(int4_codes(q).to(torch.int32), (0, 0, 0, pad), value=8)
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
-    s = F.pad(scale.to(KERNEL_DTYPE), (0, 0, 0, pad)).t()
-    return packed, torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
+INT4_PACK_ROWS = 256  # rows repacked per call: a multiple of the CPU layout's 64-row blocks, which pack alone
+
+
+def int4_runtime(q: torch.Tensor, scale: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored int4 ``(q [N, K/2], scale [N, G])`` → the CPU kernel's ``(packed [Np, K/2], scale_zeros [G, Np, 2])``
+    (zero points 0: the format is symmetric), N padded to Np, a multiple of 16, with zero rows (code 8, scale 0) that
+    the product slices off. Written into ``out`` when given. The rows are packed ``INT4_PACK_ROWS`` at a time, so the
+    temporaries (codes as int32, 8 bytes per packed byte) stay a few MB whatever the matrix."""
+    N, half = q.shape
+    Np = N + -N % 16
+    if out is None:
+        out = (torch.empty(Np, half, dtype=torch.uint8), torch.empty(scale.shape[1], Np, 2, dtype=KERNEL_DTYPE))
+    packed, scale_zeros = out
+    for r0 in range(0, Np, INT4_PACK_ROWS):
+        r1 = min(r0 + INT4_PACK_ROWS, Np)
+        codes = torch.full((r1 - r0, 2 * half), 8, dtype=torch.int32)
+        n = max(0, min(r1, N) - r0)
+        codes[:n, 0::2] = q[r0:r0 + n] & 0xF
+        codes[:n, 1::2] = q[r0:r0 + n] >> 4
+        packed[r0:r1] = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+    scale_zeros[..., 1] = 0
+    scale_zeros[:, N:, 0] = 0
+    scale_zeros[:, :N, 0] = scale.t()
+    return packed, scale_zeros
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

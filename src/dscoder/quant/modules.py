@@ -185,14 +185,26 @@ def quantize_int8(w: torch.Tensor):
     return kernels.quantize_int8(w)
 
 
-def to_runtime(bits: int, layout: str, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype):
-    """Stored ``(q, scales)`` → the layout's buffers (int4 stacks repacked one expert at a time)."""
+def to_runtime(bits: int, layout: str, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, release=None):
+    """Stored ``(q, scales)`` → the layout's buffers. int4 stacks are repacked one expert at a time into one
+    preallocated stack (a list of repacked experts stacked at the end held the weights twice); ``release(t)``, when
+    given, is called on each stored matrix and its scales once they are repacked (the loader drops their pages)."""
     if bits == 8 or layout == "reference":
         return q, s.to(dtype)
     if q.dim() == 2:
-        return kernels.int4_runtime(q, s)
-    packed, sz = zip(*(kernels.int4_runtime(q[e], s[e]) for e in range(q.shape[0])))
-    return torch.stack(packed), torch.stack(sz)
+        out = kernels.int4_runtime(q, s)
+        if release is not None:
+            release(q), release(s)
+        return out
+    E, N, half = q.shape
+    Np = N + -N % 16
+    packed = torch.empty(E, Np, half, dtype=torch.uint8)
+    scale_zeros = torch.empty(E, s.shape[-1], Np, 2, dtype=kernels.KERNEL_DTYPE)
+    for e in range(E):
+        kernels.int4_runtime(q[e], s[e], out=(packed[e], scale_zeros[e]))
+        if release is not None:
+            release(q[e]), release(s[e])
+    return packed, scale_zeros
 
 
 def default_layout(bits: int, device: torch.device | str) -> str:
