@@ -1,10 +1,12 @@
-"""The quickstart's recipe and its evaluation pieces: parse rate, prompt stripping, the corpus without tests, bits
+"""The quickstart's recipe and its evaluation pieces: parse rate, prompts as written, the corpus without tests, bits
 per byte (the full run takes minutes: it is run by hand and by `make quickstart`)."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,15 +49,20 @@ class _Engine:
         return [_Done(self.answers[p]) for p in prompts]
 
 
-def test_complete_strips_the_prompt_and_returns_what_follows_the_original():
-    """The model sees the prompt without its trailing newline (a bare newline is a token boundary it never saw
-    before indented code); the completion returned continues the original prompt."""
-    prompt = 'def f(x):\n    """Twice x."""\n'
-    engine = _Engine({prompt.rstrip(): "\n    return 2 * x\n", "x =": " 1"})
-    out = complete(engine, [prompt, "x = "], max_tokens=8)
-    assert engine.seen == [prompt.rstrip(), "x ="]
-    assert out[0] == "    return 2 * x\n" and prompt + out[0] == prompt.rstrip() + "\n    return 2 * x\n"
-    assert out[1] == "1"  # " 1" after "x =" is "1" after "x = "
+def test_complete_gives_the_prompt_as_written():
+    """The model sees each prompt unchanged: the tokenizer keeps a docstring's closing quotes and the newline after
+    them together (the token a function's body follows in training), so stripping the newline would leave the prompt
+    on a token that training follows with a blank line and a class's next method."""
+    prompt = 'def f(x):\n    """Twice x.\n    >>> f(2)\n    4\n    """\n'
+    engine = _Engine({prompt: "    return 2 * x\n", "x = ": "1"})
+    assert complete(engine, [prompt, "x = "], max_tokens=8) == ["    return 2 * x\n", "1"]
+    assert engine.seen == [prompt, "x = "]
+    text = Path(textwrap.__file__).read_text() + Path(statistics.__file__).read_text()
+    tok = Tokenizer.train([text], vocab_size=1024)
+    ids = tok.encode(prompt + "    return 2 * x\n")
+    pieces = [tok.decode([i]) for i in ids]
+    closing = pieces.index(' """\n')  # quotes and newline are one token, then the body's indentation
+    assert "".join(pieces[:closing + 1]) == prompt and pieces[closing + 1].isspace()
 
 
 def test_corpus_source_leaves_out_test_suites(tmp_path):

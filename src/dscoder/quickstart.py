@@ -44,7 +44,7 @@ MAX_NEW_TOKENS = 160
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]  # the HumanEval task's own
 FIM_MAX_TOKENS = 32  # single-line FIM scores the first line only, so generation stops at the first newline
 EVAL_BATCH = 32  # rows decoded together: the 164 prompts take six batched passes instead of 164 sequential ones
-COMPLETION_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""'
+COMPLETION_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'  # ends as HumanEval's prompts do
 INFILL = ("def mean(values):\n    total =", "\n    return total / len(values)\n")
 # Test suites are left out of the quickstart's corpus: the standard library's tests are 60% of its Python and
 # mostly `self.assertEqual(...)` lines; without them the same budget gave lower held-out bits per byte (2.10 against
@@ -233,14 +233,14 @@ def _generate(engine, prompts: list, **sampling) -> list[str]:
 
 
 def complete(engine, prompts: list[str], **sampling) -> list[str]:
-    """Greedy completions of ``prompts``, each given to the model without its trailing whitespace and returned as
-    the text that follows the original prompt. The tokenizer merges a newline with the next line's indentation
-    (``"\\n   "``), so a prompt that ends in a bare newline, as every HumanEval prompt does, ends on a token the
-    model almost never saw there, and it answers with module-level code; stripping lets it write the newline and
-    indentation itself (the bigcode harness strips HumanEval prompts for the same reason)."""
-    stripped = [p.rstrip() for p in prompts]
-    texts = _generate(engine, stripped, **sampling)
-    return [(s + t)[len(p):] if (s + t).startswith(p) else t for p, s, t in zip(prompts, stripped, texts)]
+    """Greedy completions of ``prompts``, each given to the model exactly as written. A HumanEval prompt ends with
+    its docstring's closing quotes and a newline, which the quickstart's tokenizer keeps together as one token: the
+    token that in training is followed by the function's body. Stripping the trailing newline (as harnesses do for
+    tokenizers that merge a newline with the next line's indentation, which this one does not) leaves the prompt on
+    the closing quotes alone, a token that in training comes before a blank line and a class's next method: the
+    model then wrote methods in a loop, and 14% of its completions parsed, against 27% for the same model given
+    the prompts as written."""
+    return _generate(engine, prompts, **sampling)
 
 
 def stage_eval(out: Path) -> dict[str, Any]:
