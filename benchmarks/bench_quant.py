@@ -16,7 +16,10 @@ it (native kernels) and through its compiled batch-1 graph alone.
 Loading: a child process loads each checkpoint, reads a value from every page of every tensor, and reports its
 peak resident memory (VmHWM) above what it held before.
 
-    python benchmarks/bench_quant.py [--new 32 --repeats 3 --no-transformers --no-compile]
+    python benchmarks/bench_quant.py [--new 32 --repeats 3 --no-transformers --no-compile --no-load --workdir DIR]
+
+``--workdir DIR`` keeps the checkpoints (bf16/, int8/, int4/) in DIR and reuses those already there, so that a
+timed run on a quiet machine does not spend its quiet minutes quantizing.
 """
 
 from __future__ import annotations
@@ -96,16 +99,20 @@ def main() -> int:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine (two child processes)")
     ap.add_argument("--no-load", action="store_true", help="skip the loading-peak measurement")
+    ap.add_argument("--workdir", type=Path, help="keep the checkpoints here and reuse those already there "
+                                                 "(default: a new temporary directory)")
     args = ap.parse_args()
 
     import dscoder
     from dscoder.quant import decode_bytes_per_token, quantize_checkpoint
 
-    tmp = Path(tempfile.mkdtemp())
-    dscoder.save_model(dscoder.build_model(dscoder.ModelConfig(**LITE_LAYERS), seed=0, dtype="bfloat16"),
-                       tmp / "bf16", dtype="bfloat16")
-    quantize_checkpoint(tmp / "bf16", tmp / "int8", bits=8)
-    quantize_checkpoint(tmp / "bf16", tmp / "int4", bits=4)
+    tmp = args.workdir or Path(tempfile.mkdtemp())
+    if not (tmp / "bf16" / "config.json").is_file():
+        dscoder.save_model(dscoder.build_model(dscoder.ModelConfig(**LITE_LAYERS), seed=0, dtype="bfloat16"),
+                           tmp / "bf16", dtype="bfloat16")
+    for bits in (8, 4):
+        if not (tmp / f"int{bits}" / "config.json").is_file():
+            quantize_checkpoint(tmp / "bf16", tmp / f"int{bits}", bits=bits)
     names = ["bf16", "int8", "int4"]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, LITE_LAYERS["vocab_size"], (args.prompt,), generator=g).tolist()

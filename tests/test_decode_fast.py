@@ -117,6 +117,31 @@ def test_linear_kernel_equals_f_linear(N, K, threads, which, request):
     close(out, res + F.linear(x, w), ulps=1)
 
 
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_kernel_equals_its_fixed_point_reference(threads):
+    """The VNNI int8 product is exact integer arithmetic on a fixed-point activation: bit for bit what
+    native.int8_linear_reference computes with PyTorch, over magnitudes, lengths with a tail, and a residual add."""
+    bits = lib.dsc_int8_fixed_point()
+    if bits == 0:
+        pytest.skip("this build's int8 products are fp32 (no AVX512-VNNI)")
+    g = torch.Generator().manual_seed(11)
+    for N, K in ((37, 50), (64, 96), (9, 1408), (21, 2048 + 64 * 3 + 5)):
+        for magnitude in (1e-3, 1.0, 300.0):
+            x = (torch.randn(1, K, generator=g) * magnitude).to(torch.bfloat16)
+            x[0, K // 3] *= 50  # one outlier: the scale follows the largest value
+            q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+            s = (torch.rand(N, generator=g) + 0.1).to(torch.bfloat16)
+            y = torch.empty(1, N, dtype=torch.bfloat16)
+            lib.dsc_linear(x.data_ptr(), q.data_ptr(), s.data_ptr(), 1, N, K, y.data_ptr(), None, threads)
+            want = native.int8_linear_reference(x, q, s, bits)
+            assert torch.equal(y, want), (N, K, magnitude)
+            res = torch.randn(1, N, generator=g).to(torch.bfloat16)
+            out = res.clone()
+            lib.dsc_linear(x.data_ptr(), q.data_ptr(), s.data_ptr(), 1, N, K, out.data_ptr(), out.data_ptr(), threads)
+            assert torch.equal(out, (res.float() + want.float()).to(torch.bfloat16))
+    assert bits >= 14  # the documented precision: each value within max|x| 2^-14 of itself
+
 def test_engine_decodes_through_the_plan_with_the_plain_tokens(monkeypatch):
     model = bf16_model()
     prompt = list(range(3, 20))

@@ -3,7 +3,8 @@
  *
  * Built by dscoder.engine.native with the machine's C compiler (-O3 -march=native -fopenmp) on first use and
  * cached. Conventions: bf16 values are uint16_t bit patterns; int8 weights are symmetric per output row
- * (w = q * scale[row], scale bf16); every product accumulates in fp32; outputs are rounded to bf16 (nearest even)
+ * (w = q * scale[row], scale bf16); bf16 products accumulate in fp32, int8 ones in integers on a fixed-point activation
+ * (see act_prep; fp32 without VNNI); outputs are rounded to bf16 (nearest even)
  * where the plain PyTorch path rounds. ``nt`` is the thread count of each parallel region.
  */
 #include <math.h>
@@ -117,22 +118,26 @@ __attribute__((unused)) static void dot4_i8(const float *x, const int8_t *const 
         for (int r = 0; r < ROWS; r++) out[r] += (float)w[r][k] * x[k];
 }
 
-/* An activation for int8 products: its fp32 values, and (with AVX512-VNNI) the same values as fixed point
- * x = s * v, |v| < 2^22, s a power of two (every bf16 value within 15 binades of the largest is exact, the rest
- * within s / 2 = max|x| 2^-23), v split into three signed bytes v = d0 + 256 d1 + 65536 d2. A row's product is then
- * exact integer arithmetic: with u = q + 128 (unsigned), sum q v = sum u d0 + 256 sum u d1 + 65536 sum u d2 -
- * 128 sum v, three VNNI byte dot products per 64 weights instead of widening every weight to fp32 (which made the
- * int8 product compute-bound). */
+/* An activation for int8 products: its fp32 values, and (with AVX512-VNNI) the same values as 15-bit fixed point
+ * x ~ s * v, v = round(x / s) with |v| < 2^14 and s a power of two (s = 2^(e - 14), max|x| < 2^e), so each value is
+ * within s / 2 <= max|x| 2^-14 of itself (the largest values keep 14-15 significant bits where their bf16 already
+ * rounded at 2^-9; a value 2^-6 of the largest keeps bf16's 8). v is split into two signed bytes v = d0 + 256 d1
+ * (|d1| <= 64). A row's product is then exact integer arithmetic on those v: with u = q + 128 (unsigned),
+ * sum q v = sum u d0 + 256 sum u d1 - 128 sum v, two VNNI byte dot products per 64 weights (a third digit, 24-bit
+ * fixed point, cost a third more work for error nobody sees after the bf16 rounding of the output).
+ * dscoder.engine.native.int8_linear_reference computes the same numbers with PyTorch. */
 typedef struct {
     const float *xf;
-    int8_t *d[3];
+    int8_t *d[2];
     double s;
     int64_t corr; /* 128 * sum v */
 } act_t;
 
+#define FIXED_BITS 14 /* |v| < 2^14 */
+
 static void act_prep(const float *xf, int64_t K, act_t *a) {
     a->xf = xf;
-    a->d[0] = a->d[1] = a->d[2] = NULL;
+    a->d[0] = a->d[1] = NULL;
     a->s = 1.0;
     a->corr = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -140,22 +145,20 @@ static void act_prep(const float *xf, int64_t K, act_t *a) {
     for (int64_t k = 0; k < K; k++) mx = fabsf(xf[k]) > mx ? fabsf(xf[k]) : mx;
     int e = 0;
     if (mx > 0.0f && isfinite(mx)) frexpf(mx, &e); /* mx < 2^e */
-    a->s = ldexp(1.0, e - 22);
-    int8_t *buf = (int8_t *)malloc(3 * (size_t)(K > 0 ? K : 1));
+    a->s = ldexp(1.0, e - FIXED_BITS);
+    const double vmax = (double)((1 << FIXED_BITS) - 1);
+    int8_t *buf = (int8_t *)malloc(2 * (size_t)(K > 0 ? K : 1));
     int64_t total = 0;
     for (int64_t k = 0; k < K; k++) {
         double f = nearbyint((double)xf[k] / a->s);
-        int32_t v = (int32_t)(f > 4194303.0 ? 4194303.0 : (f < -4194303.0 ? -4194303.0 : f));
+        int32_t v = (int32_t)(f > vmax ? vmax : (f < -vmax ? -vmax : f));
         total += v;
-        int32_t d0 = (int32_t)(int8_t)(uint8_t)(v & 0xff); /* balanced digits in [-128, 127] */
-        int32_t r = (v - d0) / 256;
-        int32_t d1 = (int32_t)(int8_t)(uint8_t)(r & 0xff);
+        int32_t d0 = (int32_t)(int8_t)(uint8_t)(v & 0xff); /* balanced digits: d0 in [-128, 127] */
         buf[k] = (int8_t)d0;
-        buf[K + k] = (int8_t)d1;
-        buf[2 * K + k] = (int8_t)((r - d1) / 256); /* |.| <= 64 */
+        buf[K + k] = (int8_t)((v - d0) / 256); /* |.| <= 64 */
     }
     a->corr = 128 * total;
-    a->d[0] = buf, a->d[1] = buf + K, a->d[2] = buf + 2 * K;
+    a->d[0] = buf, a->d[1] = buf + K;
 #else
     (void)K;
 #endif
@@ -169,39 +172,46 @@ static inline __m512i widen_epi32(__m512i v) { /* 16 int32 lanes -> 8 int64 lane
                             _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
 }
 
+#define PREFETCH_AHEAD 1024 /* bytes ahead in each weight row: four row streams defeat the hardware prefetcher */
+
 static void dot4_i8_vnni(const act_t *x, const int8_t *const w[ROWS], int64_t K, float out[ROWS]) {
-    __m512i a0[ROWS], a1[ROWS], a2[ROWS];
+    __m512i a0[ROWS], a1[ROWS];
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = a2[r] = _mm512_setzero_si512();
+    for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm512_setzero_si512();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
-        __m512i d0 = _mm512_loadu_si512(x->d[0] + k), d1 = _mm512_loadu_si512(x->d[1] + k),
-                d2 = _mm512_loadu_si512(x->d[2] + k);
+        __m512i d0 = _mm512_loadu_si512(x->d[0] + k), d1 = _mm512_loadu_si512(x->d[1] + k);
         for (int r = 0; r < ROWS; r++) {
+            _mm_prefetch((const char *)(w[r] + k + PREFETCH_AHEAD), _MM_HINT_T0); /* a hint: never faults */
             __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip);
             a0[r] = _mm512_dpbusd_epi32(a0[r], u, d0);
             a1[r] = _mm512_dpbusd_epi32(a1[r], u, d1);
-            a2[r] = _mm512_dpbusd_epi32(a2[r], u, d2);
         }
     }
     if (k < K) { /* masked tail: digits 0 there, so whatever u holds adds nothing */
         __mmask64 m = ((__mmask64)1 << (K - k)) - 1;
-        __m512i d0 = _mm512_maskz_loadu_epi8(m, x->d[0] + k), d1 = _mm512_maskz_loadu_epi8(m, x->d[1] + k),
-                d2 = _mm512_maskz_loadu_epi8(m, x->d[2] + k);
+        __m512i d0 = _mm512_maskz_loadu_epi8(m, x->d[0] + k), d1 = _mm512_maskz_loadu_epi8(m, x->d[1] + k);
         for (int r = 0; r < ROWS; r++) {
             __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w[r] + k), flip);
             a0[r] = _mm512_dpbusd_epi32(a0[r], u, d0);
             a1[r] = _mm512_dpbusd_epi32(a1[r], u, d1);
-            a2[r] = _mm512_dpbusd_epi32(a2[r], u, d2);
         }
     }
     for (int r = 0; r < ROWS; r++) { /* widen to int64 lanes, combine the digits there, one horizontal sum */
-        __m512i t = _mm512_add_epi64(widen_epi32(a0[r]), _mm512_add_epi64(_mm512_slli_epi64(widen_epi32(a1[r]), 8),
-                                                                         _mm512_slli_epi64(widen_epi32(a2[r]), 16)));
+        __m512i t = _mm512_add_epi64(widen_epi32(a0[r]), _mm512_slli_epi64(widen_epi32(a1[r]), 8));
         out[r] = (float)((double)(_mm512_reduce_add_epi64(t) - x->corr) * x->s);
     }
 }
 #endif
+
+/* Which int8 arithmetic this build runs: FIXED_BITS for the fixed-point VNNI products above, 0 for fp32. */
+int dsc_int8_fixed_point(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return FIXED_BITS;
+#else
+    return 0;
+#endif
+}
 
 /* Rows [r0, r0 + n) (n <= ROWS) of W [*, K] (row stride K) times x: fp32 results, scale applied for int8. */
 static void rows_dot(const void *w, int wtype, const uint16_t *scale, int64_t r0, int n, int64_t K,
@@ -312,6 +322,7 @@ void dsc_swiglu(const uint16_t *x, const void *gate, const void *up, const void 
     float *gu = (float *)malloc(sizeof(float) * 2 * nk * I);
     float *act = (float *)malloc(sizeof(float) * nk * I);
     uint16_t *actb = (uint16_t *)malloc(sizeof(uint16_t) * nk * I);
+    float *dsum = (float *)calloc((size_t)(D > 0 ? D : 1), sizeof(float));
     int64_t e_of[64];
     float c_of[64];
     for (int64_t k = 0; k < nk; k++) {
@@ -342,21 +353,29 @@ void dsc_swiglu(const uint16_t *x, const void *gate, const void *up, const void 
 #pragma omp for schedule(static)
             for (int64_t k = 0; k < nk; k++) act_prep(act + k * I, I, &aa[k]);
         }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < dblk; b++) {
-            int64_t r0 = b * ROWS;
-            int n = (int)(D - r0 < ROWS ? D - r0 : ROWS);
-            float o[ROWS], sum[ROWS] = {0};
-            for (int64_t k = 0; k < nk; k++) {
-                const char *base = (const char *)down + e_of[k] * d_stride * es;
-                const uint16_t *sc = wtype == 1 ? down_s + e_of[k] * ds_stride : NULL;
+        /* The down projections: each thread takes a contiguous range of output rows and streams it expert by
+         * expert (one contiguous stretch of each matrix at a time, which the hardware prefetcher follows), the
+         * experts' terms summed per row in expert order. */
+#ifdef _OPENMP
+        int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+        int nth = 1, tid = 0;
+#endif
+        int64_t b0 = dblk * tid / nth, b1 = dblk * (tid + 1) / nth;
+        for (int64_t k = 0; k < nk; k++) {
+            const char *base = (const char *)down + e_of[k] * d_stride * es;
+            const uint16_t *sc = wtype == 1 ? down_s + e_of[k] * ds_stride : NULL;
+            for (int64_t b = b0; b < b1; b++) {
+                int64_t r0 = b * ROWS;
+                int n = (int)(D - r0 < ROWS ? D - r0 : ROWS);
+                float o[ROWS];
                 rows_dot(base, wtype, sc, r0, n, I, actb + k * I, &aa[k], o);
-                for (int r = 0; r < n; r++) sum[r] += o[r];
+                for (int r = 0; r < n; r++) dsum[r0 + r] += o[r];
             }
-            for (int r = 0; r < n; r++) {
-                acc[r0 + r] += sum[r];
-                if (res) res[r0 + r] = f2bf(bf2f(res[r0 + r]) + bf2f(f2bf(acc[r0 + r])));
-            }
+        }
+        for (int64_t r = b0 * ROWS; r < (b1 * ROWS < D ? b1 * ROWS : D); r++) {
+            acc[r] += dsum[r];
+            if (res) res[r] = f2bf(bf2f(res[r]) + bf2f(f2bf(acc[r])));
         }
     }
     if (wtype == 1) {
@@ -367,6 +386,7 @@ void dsc_swiglu(const uint16_t *x, const void *gate, const void *up, const void 
     free(gu);
     free(act);
     free(actb);
+    free(dsum);
 }
 
 /* One absorbed MLA decode step for one sequence (all bf16 but cos/sin/mask):

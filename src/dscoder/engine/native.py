@@ -5,7 +5,8 @@ CPU kernels stream a bf16 matrix-vector product at a fraction of the memory band
 ``_weight_int8pack_mm`` are built for many rows), and the plain model adds hundreds of small ops per token (the MoE
 sort and grouped GEMM for one token, einsums that copy ``kv_b_proj`` every step). :class:`DecodePlan` runs the step
 as about a dozen calls per layer: products over bf16 or int8 weights (``native.c``: AVX512-BF16 dot products where
-the CPU has them, else AVX512 or portable loops; the rows split over the threads), the absorbed MLA step over the
+the CPU has them, else AVX512 or portable loops; int8 as VNNI byte products on a 15-bit fixed-point copy of the
+activation, :func:`int8_linear_reference`; the rows split over the threads), the absorbed MLA step over the
 latent cache in one call, a SwiGLU block over the chosen experts' rows in one call; norms, rope angles, the router
 and the LM head's sampling stay PyTorch ops of the model's own modules. It computes what the model's forward computes,
 rounding to bf16 where that does (tests/test_decode_fast.py holds it to the plain path).
@@ -120,7 +121,23 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.dsc_router.argtypes = [P, P, I64, I64, I64, I32, F32, P, P]
     for f in (lib.dsc_linear, lib.dsc_swiglu, lib.dsc_mla_decode, lib.dsc_rmsnorm, lib.dsc_router):
         f.restype = None
+    lib.dsc_int8_fixed_point.argtypes, lib.dsc_int8_fixed_point.restype = [], ctypes.c_int
     return lib
+
+
+def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fixed_bits: int) -> torch.Tensor:
+    """What ``dsc_linear`` computes for int8 weights in a build whose ``dsc_int8_fixed_point()`` is ``fixed_bits``
+    (> 0), with plain PyTorch ops: ``x [1, K]`` (bf16) as fixed point ``v = round(x / s)``, ``s`` the power of two
+    with ``max|x| < 2^fixed_bits * s``, ``|v| < 2^fixed_bits``; the exact integer products ``q v``; times ``s`` in
+    float64, rounded to fp32, times the row's scale in fp32, rounded to bf16. ``q [N, K]`` int8, ``scale [N]`` bf16."""
+    xf = x.float().reshape(-1)
+    mx = xf.abs().max()
+    e = int(torch.frexp(mx).exponent) if mx > 0 and torch.isfinite(mx) else 0
+    s = 2.0 ** (e - fixed_bits)
+    limit = 2 ** fixed_bits - 1
+    v = torch.round(xf.double() / s).clamp(-limit, limit).long()
+    dots = q.long() @ v  # exact
+    return ((dots.double() * s).float() * scale.float()).to(torch.bfloat16).view(1, -1)
 
 
 # ----- the decode step ----------------------------------------------------------------------------------------
