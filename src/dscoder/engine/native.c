@@ -179,6 +179,7 @@ static void dot4_i8_vnni(const act_t *x, const int8_t *const w[ROWS], int64_t K,
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm512_setzero_si512();
     int64_t k = 0;
+#pragma GCC unroll 2 /* two 64-byte steps per pass: about a tenth faster on the Lite shapes */
     for (; k + 64 <= K; k += 64) {
         __m512i d0 = _mm512_loadu_si512(x->d[0] + k), d1 = _mm512_loadu_si512(x->d[1] + k);
         for (int r = 0; r < ROWS; r++) {
