@@ -141,22 +141,34 @@ def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 
 # ----- the decode step ----------------------------------------------------------------------------------------
+# These run a few dozen times per token: they read modules' parameter and buffer dicts directly (nn.Module's
+# __getattr__ and a function-level import cost a few percent of an int8 decode step).
 def _plain_bf16(module) -> torch.Tensor | None:
     """The weight of a plain bias-free bf16 ``nn.Linear`` (not a LoRA or other subclass), contiguous; else None."""
-    if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.bfloat16 \
-            and module.weight.is_contiguous():
-        return module.weight
+    if type(module) is nn.Linear:
+        params = module._parameters
+        w = params["weight"]
+        if params.get("bias") is None and w.dtype == torch.bfloat16 and w.is_contiguous():
+            return w
     return None
+
+
+_quant_types: tuple | None = None
 
 
 def _int8(module):
     """``(qweight, scales)`` of an int8 QuantLinear / QuantWeight in the kernel layout with bf16 scales; else None."""
-    from dscoder.quant.modules import QuantLinear, QuantWeight
+    global _quant_types
+    if _quant_types is None:
+        from dscoder.quant.modules import QuantLinear, QuantWeight
 
-    w = module.weight if isinstance(module, QuantLinear) else module
-    if isinstance(w, QuantWeight) and w.layout == "int8" and w.scales.dtype == torch.bfloat16 \
-            and w.qweight.is_contiguous() and w.scales.is_contiguous():
-        return w.qweight, w.scales
+        _quant_types = (QuantLinear, QuantWeight)
+    linear_type, weight_type = _quant_types
+    w = module._modules["weight"] if isinstance(module, linear_type) else module
+    if isinstance(w, weight_type) and w.layout == "int8":
+        q, s = w._buffers["qweight"], w._buffers["scales"]
+        if s.dtype == torch.bfloat16 and q.is_contiguous() and s.is_contiguous():
+            return q, s
     return None
 
 
