@@ -111,6 +111,8 @@ def test_f16_reads_back_equal_to_the_source(tiny_checkpoint, tmp_path, capsys):
             a + "vocab_size": config.vocab_size,
             a + "attention.head_count": config.num_attention_heads, a + "attention.head_count_kv": 1,
             a + "attention.kv_lora_rank": config.kv_lora_rank,
+            # no low-rank query: 0, which llama.cpp needs for a layer count other than Lite's (it refuses a missing key)
+            a + "attention.q_lora_rank": 0,
             a + "attention.key_length": config.kv_lora_rank + config.qk_rope_head_dim,
             a + "attention.value_length": config.kv_lora_rank,
             a + "attention.key_length_mla": config.qk_nope_head_dim + config.qk_rope_head_dim,

@@ -259,8 +259,9 @@ def _write_metadata(writer, config: ModelConfig, name: str, file_type: int) -> N
     writer.add_head_count_kv(1)  # MLA runs as MQA over the latent
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_leading_dense_block_count(config.first_k_dense_replace if config.is_moe else config.num_hidden_layers)
-    if config.q_lora_rank is not None:
-        writer.add_q_lora_rank(config.q_lora_rank)
+    # 0 when the query has no low-rank step: llama.cpp reads this key for every deepseek2 model whose layer count is
+    # not one of the Lite checkpoints' (26 or 27), and a missing key refuses the file; it takes 0 as "attn_q".
+    writer.add_q_lora_rank(config.q_lora_rank or 0)
     writer.add_kv_lora_rank(config.kv_lora_rank)
     writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
     writer.add_value_length(config.kv_lora_rank)
