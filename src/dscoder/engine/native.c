@@ -172,7 +172,13 @@ static inline __m512i widen_epi32(__m512i v) { /* 16 int32 lanes -> 8 int64 lane
                             _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
 }
 
-#define PREFETCH_AHEAD 1024 /* bytes ahead in each weight row: four row streams defeat the hardware prefetcher */
+/* Each row's bytes are prefetched one block ahead (the same columns ROWS rows further: what the next pass over the
+ * matrix reads, a few KB away), through integer arithmetic since the address may lie past the matrix (a prefetch
+ * never faults). The hardware prefetcher alone left the int8 product well below the read bandwidth; a fixed 1 KB
+ * ahead in the same row gained about 15%, one block ahead about 12-19% more on the Lite shapes. */
+static inline void prefetch_next_block(const int8_t *p, int64_t K) {
+    _mm_prefetch((const char *)(uintptr_t)((uintptr_t)p + (uintptr_t)(ROWS * K)), _MM_HINT_T0);
+}
 
 static void dot4_i8_vnni(const act_t *x, const int8_t *const w[ROWS], int64_t K, float out[ROWS]) {
     __m512i a0[ROWS], a1[ROWS];
@@ -183,7 +189,7 @@ static void dot4_i8_vnni(const act_t *x, const int8_t *const w[ROWS], int64_t K,
     for (; k + 64 <= K; k += 64) {
         __m512i d0 = _mm512_loadu_si512(x->d[0] + k), d1 = _mm512_loadu_si512(x->d[1] + k);
         for (int r = 0; r < ROWS; r++) {
-            _mm_prefetch((const char *)(w[r] + k + PREFETCH_AHEAD), _MM_HINT_T0); /* a hint: never faults */
+            prefetch_next_block(w[r] + k, K);
             __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip);
             a0[r] = _mm512_dpbusd_epi32(a0[r], u, d0);
             a1[r] = _mm512_dpbusd_epi32(a1[r], u, d1);
