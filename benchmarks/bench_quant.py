@@ -7,8 +7,10 @@ Bandwidth: the read rate of summing every weight tensor of the loaded bf16 model
 fastest streaming reduction), in this process, median of the repeats (a fresh tensor's rate varies between
 processes). Limit = bandwidth / bytes one decode step reads (the checkpoint's tensors, the routed experts at K/E,
 one embedding row). Decode tok/s = (N new - 1 new) / (N - 1), greedy, plain decoding (no speculation), each
-variant timed once per round, rounds alternating, medians: the eager default Engine (native batch-1 kernels,
-dscoder.engine.native), the same engine with those off (``DSCODER_NATIVE=0``: the model's forward), transformers'
+variant timed once per round, rounds alternating, medians; "of limit" is the median over rounds of each round's
+tok/s against the limit from that round's bandwidth (the machine's read rate can switch between about 45 and
+72 GB/s from one round to the next, and a fraction of a mixed median would mean neither), "per round" lists them.
+Variants: the eager default Engine (native batch-1 kernels, dscoder.engine.native), the same engine with those off (``DSCODER_NATIVE=0``: the model's forward), transformers'
 ``generate`` (eager) on the bf16 checkpoint. Compiled: ``Engine(compile=True)`` in a child process with an empty
 inductor cache, then again in another child with the cache the first one left: start-up seconds (load +
 ``warmup()``, which compiles the batch-2 graph: batch 1 takes the native kernels) and batch-1 tok/s as the engine runs
@@ -161,12 +163,16 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}, native kernels "
           f"{'on' if native_on['bf16'] else 'off'}; read bandwidth on the loaded bf16 weights "
           f"{bandwidth / 1e9:.1f} GB/s (rounds: {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)})", flush=True)
-    print(f"\n{'decode, batch 1':<26} {'file MB':>8} {'MB/token':>9} {'limit tok/s':>12} {'tok/s':>8} {'of limit':>9}")
+    print(f"\n{'decode, batch 1':<26} {'file MB':>8} {'MB/token':>9} {'limit tok/s':>12} {'tok/s':>8} {'of limit':>9}"
+          f"  per round")
+    fractions = {}
     for n, r in tps.items():
         b = bytes_of[n]
         limit = bandwidth / b["per_token"]
+        per_round = [rate * b["per_token"] / bw for rate, bw in zip(rates[n], bandwidths)]
+        fractions[n] = statistics.median(per_round)
         print(f"{n:<26} {b['weights'] / 1e6:>8.0f} {b['per_token'] / 1e6:>9.1f} {limit:>12.1f} {r:>8.1f} "
-              f"{r / limit:>9.0%}")
+              f"{fractions[n]:>9.0%}  {', '.join(f'{f:.0%}' for f in per_round)}")
     print(f"int8 / bf16 {tps['int8 dscoder'] / tps['bf16 dscoder']:.2f}x; bf16 native / native off "
           f"{tps['bf16 dscoder'] / tps['bf16 dscoder, native off']:.2f}x"
           + (f"; bf16 dscoder / transformers {tps['bf16 dscoder'] / tps['bf16 transformers']:.2f}x"
@@ -174,7 +180,8 @@ def main() -> int:
     for e in [*engines.values(), plain]:
         e.close()
     del engines, plain
-    result = {"bandwidth_gbps": bandwidth / 1e9, "load": load, **tps}
+    result = {"bandwidth_gbps": bandwidth / 1e9, "load": load, **tps,
+              "of_limit": {n: round(f, 4) for n, f in fractions.items()}}
     if not args.no_compile:
         cache = Path(tempfile.mkdtemp())
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
