@@ -12,9 +12,10 @@ tok/s against the limit from that round's bandwidth (the machine's read rate can
 72 GB/s from one round to the next, and a fraction of a mixed median would mean neither), "per round" lists them.
 Variants: the eager default Engine (native batch-1 kernels, dscoder.engine.native), the same engine with those off
 (``DSCODER_NATIVE=0``: the model's forward), transformers' ``generate`` (eager) on the bf16 checkpoint.
-Compiled: ``Engine(compile=True)`` in a child process with an empty inductor cache, then again in another child with the cache the first one left: start-up seconds (load +
-``warmup()``, which compiles the batch-2 graph: batch 1 takes the native kernels) and batch-1 tok/s as the engine runs
-it (native kernels) and through its compiled batch-1 graph alone.
+Compiled: ``Engine(compile=True)`` in a child process with an empty inductor cache, then again in another child
+with the cache the first one left: start-up seconds (load + ``warmup()``, which compiles the batch-2 graph: batch 1
+takes the native kernels) and batch-1 tok/s as the engine runs it (native kernels) and through its compiled batch-1
+graph alone.
 Loading: a child process loads each checkpoint, reads a value from every page of every tensor, and reports its
 peak resident memory (VmHWM) above what it held before.
 
