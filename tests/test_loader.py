@@ -277,6 +277,53 @@ def test_resume_with_another_batch_shape_continues_the_stream(builds, tok):
     np.testing.assert_array_equal(rest, whole[90: 90 + 141])
 
 
+def _rows(batches):
+    return [tuple(row) for b in batches for row in torch.cat([b["input_ids"], b["labels"][:, -1:]], 1).tolist()]
+
+
+def test_shuffled_rows_are_the_stream_rows_in_another_order(builds, tok):
+    """Each block of shuffle_rows rows holds exactly the rows the unshuffled loader gives, in another order, and a
+    batch's rows come from scattered stream positions."""
+    sources = [(builds["code"][0], 0.6), (builds["text"][0], 0.4)]
+    plain = PackedLoader(sources, tok, seq_len=8, batch_size=2, seed=3, fim_rate=0.5)
+    shuffled = PackedLoader(sources, tok, seq_len=8, batch_size=2, seed=3, fim_rate=0.5, shuffle_rows=11)
+    assert shuffled.shuffle_rows == 12  # rounded up to whole batches
+    for _ in range(3):  # three blocks of 6 batches
+        want, got = _rows(_batches(plain, 6)), _rows(_batches(shuffled, 6))
+        assert sorted(got) == sorted(want) and got != want
+    assert shuffled.label_tokens == plain.label_tokens
+    other = PackedLoader(sources, tok, seq_len=8, batch_size=2, seed=4, fim_rate=0.5, shuffle_rows=12)
+    assert _rows(_batches(other, 6)) != _rows(_batches(PackedLoader(sources, tok, seq_len=8, batch_size=2, seed=3,
+                                                                    fim_rate=0.5, shuffle_rows=12), 6))
+
+
+def test_shuffled_loader_resumes_exactly(builds, tok):
+    def make(**kw):
+        return PackedLoader(builds["code"][0], tok, seq_len=8, batch_size=2, seed=5, fim_rate=0.5, **kw)
+
+    n = 20
+    uninterrupted = make(shuffle_rows=8)
+    reference = _batches(uninterrupted, n)
+    for k in (0, 1, 3, 4, 9):  # before the first block, inside blocks and at a block's end
+        loader = make(shuffle_rows=8)
+        _batches(loader, k)
+        state = json.loads(json.dumps(loader.state_dict()))
+        restored = make(shuffle_rows=8)
+        restored.load_state_dict(state)
+        for j, batch in enumerate(_batches(restored, n - k)):
+            assert (batch["input_ids"] == reference[k + j]["input_ids"]).all(), (k, j)
+            assert (batch["labels"] == reference[k + j]["labels"]).all(), (k, j)
+        assert restored.state_dict() == uninterrupted.state_dict()
+    with pytest.raises(DscoderError, match="shuffle_rows"):
+        make().load_state_dict(state)
+    # a new row length (the next long-context stage) continues after every packed row
+    loader = make(shuffle_rows=8)
+    _batches(loader, 1)
+    plain = make()
+    _batches(plain, 4)
+    assert loader.stream_state() == plain.state_dict()
+
+
 def test_state_from_another_setup_is_refused(builds, tok):
     path = builds["code"][0]
     state = PackedLoader(path, tok, 8, 2, rank=0, world_size=2).state_dict()

@@ -24,6 +24,14 @@ The stream a rank sees, and why it is reproducible:
   every stream token after the first is a label exactly once, nothing is padded and nothing is dropped, and rows
   cross document boundaries (EOS marks them).
 
+- **Row shuffling** (``shuffle_rows = R``, off by default). Consecutive windows of one stream come from the same
+  document, so a batch of a few rows is mostly one file and a small model drifts toward whatever file it read last.
+  With ``R`` set, the loader packs ``R`` rows (rounded up to whole batches) at once and serves them in a random
+  order, a pure function of ``(seed, rank, block number)``, as Megatron shuffles its sample indices: a batch then
+  holds windows of many documents. The rows, FIM choices and label counts are the unshuffled stream's; only their
+  order within a block changes. The saved state is the stream position at the block's start plus the position in
+  the block, and restoring repacks the block.
+
 ``state_dict()`` is a few integers: per-source epoch and position, the mixture counter, the partly consumed
 document (which source, epoch and document, and how far into it), and rows produced. The carry-over tokens are not
 stored but regenerated from that reference on ``load_state_dict``, which is exact because every random choice above
@@ -49,7 +57,7 @@ if TYPE_CHECKING:
     from dscoder.tokenizer import Tokenizer
 
 # Tags keep the seeded streams apart: SeedSequence([seed, tag, ...]).
-_PERMUTATION, _FIM = 0, 2  # (1 was a random mixture's)
+_PERMUTATION, _FIM, _SHUFFLE = 0, 2, 3  # (1 was a random mixture's)
 _STATE_VERSION = 2  # 1: a random per-document mixture (read for a single source, where it is the same stream)
 
 
@@ -96,11 +104,13 @@ class PackedLoader:
         rank, world_size: this data-parallel rank and how many there are.
         seed: every random choice (mixture, permutations, FIM) is a function of it and counters.
         fim_rate: probability a document is FIM-transformed; spm_rate: probability a FIM document uses SPM order.
+        shuffle_rows: 0 (off), or serve rows in a random order within blocks of this many rows (see the module's
+            docstring).
     """
 
     def __init__(self, sources: str | os.PathLike | Sequence[tuple[str | os.PathLike, float]],
                  tokenizer: Tokenizer, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, fim_rate: float = 0.5, spm_rate: float = 0.0):
+                 seed: int = 0, fim_rate: float = 0.5, spm_rate: float = 0.0, shuffle_rows: int = 0):
         _check_int("seq_len", seq_len, minimum=1)
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("world_size", world_size, minimum=1)
@@ -110,6 +120,7 @@ class PackedLoader:
         _check_int("seed", seed, minimum=0)
         _check_rate("fim_rate", fim_rate)
         _check_rate("spm_rate", spm_rate)
+        _check_int("shuffle_rows", shuffle_rows, minimum=0)
         if fim_rate > 0 and None in (tokenizer.fim_begin_id, tokenizer.fim_hole_id, tokenizer.fim_end_id):
             raise DscoderError(f"PackedLoader: fim_rate={fim_rate} needs a tokenizer with the FIM tokens; this one "
                                "lacks some (use fim_rate=0)")
@@ -134,6 +145,12 @@ class PackedLoader:
         self._doc_ref: tuple[int, int, int] | None = None  # its (source, epoch, document index)
         self._doc_pos = 0  # next stream token = self._doc[self._doc_pos]
         self.rows = 0
+        # row shuffling: a block is packed rows in serving order; the state saved is the stream's at its start
+        self.shuffle_rows = -(-shuffle_rows // batch_size) * batch_size if shuffle_rows else 0
+        self._block: np.ndarray | None = None
+        self._block_pos = 0
+        self._blocks = 0  # blocks packed so far
+        self._block_start: dict[str, Any] | None = None
 
     # -- the stream ---------------------------------------------------------------------------------------------
 
@@ -177,8 +194,9 @@ class PackedLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        B, L = self.batch_size, self.seq_len
+    def _pack(self, B: int) -> np.ndarray:
+        """The stream's next ``B`` rows, as ``B * L + 1`` tokens (row r is ``flat[r*L : r*L + L + 1]``)."""
+        L = self.seq_len
         need = B * L + 1  # B windows of L + 1 tokens, each starting where the previous one's last token is
         pieces: list[np.ndarray] = []
         have = 0
@@ -198,16 +216,46 @@ class PackedLoader:
         # The batch's last token is peeked, not consumed: it is the first input of the next batch.
         self._doc, self._doc_pos = doc, pos + take - 1
         self.rows += B
-        flat = np.concatenate(pieces).astype(np.int64)
-        return {
-            "input_ids": torch.from_numpy(flat[:-1].reshape(B, L)),
-            "labels": torch.from_numpy(flat[1:].reshape(B, L).copy()),  # its own memory: callers mask labels in place
-        }
+        return np.concatenate(pieces).astype(np.int64)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        B, L = self.batch_size, self.seq_len
+        if not self.shuffle_rows:
+            flat = self._pack(B)
+            return {
+                "input_ids": torch.from_numpy(flat[:-1].reshape(B, L)),
+                "labels": torch.from_numpy(flat[1:].reshape(B, L).copy()),  # own memory: callers mask labels in place
+            }
+        if self._block is None or self._block_pos >= len(self._block):
+            self._block_start = self._stream_state()
+            self._next_block()
+        rows = self._block[self._block_pos: self._block_pos + B]
+        self._block_pos += B
+        return {"input_ids": torch.from_numpy(rows[:, :-1].copy()), "labels": torch.from_numpy(rows[:, 1:].copy())}
+
+    def _next_block(self) -> None:
+        R, L = self.shuffle_rows, self.seq_len
+        flat = self._pack(R)
+        rows = np.lib.stride_tricks.sliding_window_view(flat, L + 1)[::L]  # [R, L + 1]
+        order = np.random.default_rng([self.seed, _SHUFFLE, self.rank, self._blocks]).permutation(R)
+        self._block, self._block_pos = rows[order], 0
+        self._blocks += 1
 
     # -- resume -------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serialisable dict from which ``load_state_dict`` restores the exact stream position."""
+        if self._block is None:
+            return self._stream_state()
+        return {**self._block_start, "block": {"rows": self.shuffle_rows, "number": self._blocks - 1,
+                                               "position": self._block_pos}}
+
+    def stream_state(self) -> dict[str, Any]:
+        """The state after every row packed so far, served or not: where a loader with another row length (the
+        next long-context stage) continues; the rest of a shuffled block is skipped."""
+        return self._stream_state()
+
+    def _stream_state(self) -> dict[str, Any]:
         current = None
         if self._doc_ref is not None:
             source, epoch, index = self._doc_ref
@@ -253,6 +301,12 @@ class PackedLoader:
                 raise DscoderError("loader state: saved by an older dscoder whose mixture drew documents at random; "
                                    "a mixture now follows token shares: restart the run (or resume it with that "
                                    "version)")
+            block = state.get("block")
+            if block is not None:
+                block = (int(block["rows"]), int(block["number"]), int(block["position"]))
+                if block[0] != self.shuffle_rows:
+                    raise DscoderError(f"loader state: saved shuffling blocks of {block[0]} rows, this loader "
+                                       f"shuffles {self.shuffle_rows or 'none'} (set data.shuffle_rows as the run did)")
             zeros = [0] * len(saved)
             taken, labels = list(state.get("taken_tokens", zeros)), list(state.get("label_tokens", zeros))
             if len(taken) != len(saved) or len(labels) != len(saved):
@@ -272,6 +326,12 @@ class PackedLoader:
         self._docs_drawn, self.rows = docs_drawn, rows
         self.taken_tokens, self.label_tokens = taken, labels
         self._doc, self._doc_ref, self._doc_pos = doc, doc_ref, doc_pos
+        self._block, self._block_pos, self._blocks, self._block_start = None, 0, 0, None
+        if block is not None:  # repack the block the saved position is in
+            self._block_start = self._stream_state()
+            self._blocks = block[1]
+            self._next_block()
+            self._block_pos = block[2]
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

@@ -3,7 +3,8 @@
 A recipe has four tables and an optional list of stages::
 
     [model]     preset = "tiny" | init = "HF_DIR" (continued pre-training); other keys override ModelConfig fields
-    [data]      path = "BUILD_DIR" (or sources = [{path=..., weight=...}, ...]), seq_len, fim_rate, spm_rate, shard
+    [data]      path = "BUILD_DIR" (or sources = [{path=..., weight=...}, ...]), seq_len, fim_rate, spm_rate, shard,
+                shuffle_rows
     [train]     steps, micro_batch, grad_accum, lr, min_lr_ratio, warmup_steps, weight_decay, betas, grad_clip, ...
     [parallel]  strategy = "none" | "ddp" | "fsdp", ep (expert-parallel degree)
     [[stages]]  long-context extension: steps, seq_len, micro_batch, rope_factor, lr (each stage its own schedule)
@@ -49,6 +50,9 @@ class DataSection:
     # "documents": each rank reads its own documents (scales); "rows": every rank packs the global stream and takes
     # its rows, so any world size sees the batches one process would (for exact comparisons; costs data work)
     shard: str = "documents"
+    # 0: rows in stream order; R: rows served in a random order within blocks of R rows (a batch then holds windows
+    # of many documents instead of consecutive windows of one; see dscoder.data.loader)
+    shuffle_rows: int = 0
 
 
 @dataclass
@@ -139,6 +143,8 @@ class TrainConfig:
         self.train.validate(source)
         need(d.seq_len > 0, "data.seq_len", "expected a positive integer")
         need(d.shard in ("documents", "rows"), "data.shard", "expected 'documents' or 'rows'")
+        need(isinstance(d.shuffle_rows, int) and not isinstance(d.shuffle_rows, bool) and d.shuffle_rows >= 0,
+             "data.shuffle_rows", "expected an integer >= 0")
         need(bool(d.path) != bool(d.sources), "data.path", "give data.path or data.sources (a mixture), not both")
         for i, s in enumerate(d.sources):
             need(isinstance(s, dict) and set(s) <= {"path", "weight", "name", "min_tokens"} and "path" in s,

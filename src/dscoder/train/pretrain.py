@@ -141,7 +141,7 @@ def make_loader(config: TrainConfig, stage: Stage, tokenizer, d: Dist):
     return PackedLoader(data_sources(config), tokenizer, seq_len=stage.seq_len,
                         batch_size=micro * d.world if rows else micro, rank=0 if rows else d.rank,
                         world_size=1 if rows else d.world, seed=config.train.seed, fim_rate=config.data.fim_rate,
-                        spm_rate=config.data.spm_rate)
+                        spm_rate=config.data.spm_rate, shuffle_rows=config.data.shuffle_rows)
 
 
 def _next_batch(loader, config: TrainConfig, stage: Stage, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +258,7 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
             if idx != stage_idx:  # long-context extension: next stage's length, batch and YaRN factor
                 stage_idx, stage_start, stage = idx, first, plan[idx]
                 _apply_stage_rope(model, stage, mcfg)
-                position = loader.state_dict()  # the data stream continues; only row length and batch change
+                position = loader.stream_state()  # the data stream continues; only row length and batch change
                 loader = make_loader(config, stage, tokenizer, d)
                 loader.load_state_dict(position)
                 flops_per_token = unwrap(model).flops_per_token(stage.seq_len)
