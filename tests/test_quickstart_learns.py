@@ -65,18 +65,19 @@ def test_complete_gives_the_prompt_as_written():
     assert "".join(pieces[:closing + 1]) == prompt and pieces[closing + 1].isspace()
 
 
-def test_corpus_source_leaves_out_test_suites(tmp_path):
+def test_corpus_source_leaves_out_test_suites_and_tables(tmp_path):
     root = tmp_path / "lib"
     for rel, text in [("json/__init__.py", "import os\n"), ("test/test_json.py", "x = 1\n"),
                       ("unittest/test/test_case.py", "y = 2\n"), ("idlelib/idle_test/h.py", "z = 3\n"),
                       ("test_support.py", "w = 4\n"), ("textwrap.py", "def wrap(): pass\n"),
-                      ("site-packages/pkg/m.py", "v = 5\n")]:
+                      ("site-packages/pkg/m.py", "v = 5\n"), ("encodings/cp1252.py", "t = (0x01,)\n"),
+                      ("pydoc_data/topics.py", "topics = {}\n"), ("encodings_extra.py", "u = 6\n")]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     (root / "blob.bin").write_bytes(b"\xff\xfe\x00")
     target = corpus_source(root, tmp_path / "src" / "stdlib.jsonl")
     rows = [json.loads(line) for line in target.read_text().splitlines()]
-    assert sorted(r["path"] for r in rows) == ["json/__init__.py", "textwrap.py"]
+    assert sorted(r["path"] for r in rows) == ["encodings_extra.py", "json/__init__.py", "textwrap.py"]
     assert {r["path"]: r["text"] for r in rows}["textwrap.py"] == "def wrap(): pass\n"
 
 
