@@ -78,7 +78,7 @@ def stage_data(out: Path, mbpp: str | Path | None = None) -> dict[str, Any]:
     source = corpus_source(root, out / "source" / "stdlib.jsonl")
     config = BuildConfig(sources=[str(source)], out=str(out / "data"), vocab_size=VOCAB,
                          mbpp=str(mbpp) if mbpp is not None else None, tasks=4)
-    _log(f"data: building a corpus from {root} without its test suites (decontaminated against HumanEval"
+    _log(f"data: building a corpus from {root} without its test suites and tables (decontaminated against HumanEval"
          f"{' and MBPP' if config.mbpp else ''})")
     return build(config)
 
