@@ -311,7 +311,7 @@ class PackedLoader:
             taken, labels = list(state.get("taken_tokens", zeros)), list(state.get("label_tokens", zeros))
             if len(taken) != len(saved) or len(labels) != len(saved):
                 raise DscoderError("loader state: malformed, taken_tokens/label_tokens do not match the sources")
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise DscoderError(f"loader state: malformed, missing or wrong-typed entry {e}") from None
 
         doc, doc_ref, doc_pos = np.zeros(0, dtype=TOKEN_DTYPE), None, 0
