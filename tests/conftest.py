@@ -61,6 +61,15 @@ def make_checkpoint(path: Path) -> Path:
     return path
 
 
+def untrained_checkpoint(path: Path, texts: list[str], vocab_size: int = 300) -> Path:
+    """A BPE trained on ``texts`` and the tiny preset with its vocabulary, as built (untrained, unscaled: its
+    predictions are close to uniform), saved as an HF checkpoint directory."""
+    tok = Tokenizer.train(texts, vocab_size=vocab_size)
+    dscoder.save_model(dscoder.build_model(tiny_config(vocab_size=tok.vocab_size), seed=0), path)
+    tok.save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """One :func:`make_checkpoint` for the whole session (read-only: copy it before changing anything)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import dscoder
-from conftest import tiny_config
+from conftest import untrained_checkpoint
 from dscoder.cli import main
 from dscoder.data.sources import default_sources, iter_documents
 from dscoder.errors import DscoderError
@@ -33,12 +33,10 @@ def test_held_out_files_are_outside_the_corpus():
 
 def test_perplexity_of_a_random_model_is_about_the_vocabulary(tmp_path):
     files = held_out_files()[:3]
-    tok = Tokenizer.train([f.read_text() for f in held_out_files()], vocab_size=300)
-    model = dscoder.build_model(tiny_config(vocab_size=tok.vocab_size), seed=0)
-    dscoder.save_model(model, tmp_path)
-    tok.save(tmp_path)
+    untrained_checkpoint(tmp_path, [f.read_text() for f in held_out_files()])
+    vocab = Tokenizer.load(tmp_path).vocab_size
     ppl = perplexity(tmp_path, files, seq_len=64)
-    assert 0.5 * tok.vocab_size < ppl < 2 * tok.vocab_size  # an untrained model is close to uniform
+    assert 0.5 * vocab < ppl < 2 * vocab  # an untrained model is close to uniform
 
 
 def test_bad_arguments_and_missing_stages(tmp_path, capsys):

@@ -10,8 +10,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import dscoder
-from conftest import tiny_config
+from conftest import untrained_checkpoint
 from dscoder.config import ModelConfig
 from dscoder.quickstart import (HUMANEVAL_STOPS, complete, completion_parse_rate, corpus_source, held_out_files,
                                 heldout_scores, perplexity, recipe)
@@ -83,10 +82,7 @@ def test_corpus_source_leaves_out_test_suites_and_tables(tmp_path):
 
 def test_bits_per_byte_matches_perplexity(tmp_path):
     files = held_out_files()[:2]
-    tok = Tokenizer.train([f.read_text() for f in held_out_files()], vocab_size=300)
-    model = dscoder.build_model(tiny_config(vocab_size=tok.vocab_size), seed=0)
-    dscoder.save_model(model, tmp_path)
-    tok.save(tmp_path)
+    untrained_checkpoint(tmp_path, [f.read_text() for f in held_out_files()])
     scores = heldout_scores(tmp_path, files, seq_len=64)
     assert scores["bytes"] == sum(len(f.read_text().encode()) for f in files)
     nll = math.log(scores["perplexity"]) * scores["tokens"]

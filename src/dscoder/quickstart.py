@@ -234,19 +234,15 @@ def completion_parse_rate(prompts: list[str], completions: list[str], stops: lis
     return sum(parses(p + cut_at_stops(c, stops)) for p, c in zip(prompts, completions, strict=True)) / len(prompts)
 
 
-def _generate(engine, prompts: list, **sampling) -> list[str]:
-    return [c.text for c in engine.generate(prompts, temperature=0.0, **sampling)] if prompts else []
-
-
-def complete(engine, prompts: list[str], **sampling) -> list[str]:
-    """Greedy completions of ``prompts``, each given to the model exactly as written. A HumanEval prompt ends with
+def complete(engine, prompts: list, **sampling) -> list[str]:
+    """Greedy completions of ``prompts`` (texts or token ids), each given to the model exactly as written. A HumanEval prompt ends with
     its docstring's closing quotes and a newline, which the quickstart's tokenizer keeps together as one token: the
     token that in training is followed by the function's body. Stripping the trailing newline (as harnesses do for
     tokenizers that merge a newline with the next line's indentation, which this one does not) leaves the prompt on
     the closing quotes alone, a token that in training comes before a blank line and a class's next method: the
     model then wrote methods in a loop, and 14% of its completions parsed, against 27% for the same model given
     the prompts as written."""
-    return _generate(engine, prompts, **sampling)
+    return [c.text for c in engine.generate(prompts, temperature=0.0, **sampling)] if prompts else []
 
 
 def stage_eval(out: Path) -> dict[str, Any]:
@@ -283,7 +279,7 @@ def stage_eval(out: Path) -> dict[str, Any]:
         fims = [p for p in fim_spec.load(fim_spec.resolve({}), LoadContext(tokenizer=engine.tokenizer))
                 if len(engine.fim_ids(p.prompt, p.suffix)) + FIM_MAX_TOKENS <= engine.max_len]
         _log(f"eval: {len(fims)} single-line FIM problems, greedy, to the first newline")
-        fim_texts = _generate(engine, [engine.fim_ids(p.prompt, p.suffix) for p in fims], max_tokens=FIM_MAX_TOKENS,
+        fim_texts = complete(engine, [engine.fim_ids(p.prompt, p.suffix) for p in fims], max_tokens=FIM_MAX_TOKENS,
                               stop=["\n"])
         fim_samples = out / "eval" / "fim_samples.jsonl"
         write_jsonl(fim_samples, [{"task_id": p.task_id, "completion": t} for p, t in zip(fims, fim_texts)])

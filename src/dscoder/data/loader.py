@@ -227,7 +227,7 @@ class PackedLoader:
                 "labels": torch.from_numpy(flat[1:].reshape(B, L).copy()),  # own memory: callers mask labels in place
             }
         if self._block is None or self._block_pos >= len(self._block):
-            self._block_start = self._stream_state()
+            self._block_start = self.stream_state()
             self._next_block()
         rows = self._block[self._block_pos: self._block_pos + B]
         self._block_pos += B
@@ -246,16 +246,13 @@ class PackedLoader:
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serialisable dict from which ``load_state_dict`` restores the exact stream position."""
         if self._block is None:
-            return self._stream_state()
+            return self.stream_state()
         return {**self._block_start, "block": {"rows": self.shuffle_rows, "number": self._blocks - 1,
                                                "position": self._block_pos}}
 
     def stream_state(self) -> dict[str, Any]:
-        """The state after every row packed so far, served or not: where a loader with another row length (the
-        next long-context stage) continues; the rest of a shuffled block is skipped."""
-        return self._stream_state()
-
-    def _stream_state(self) -> dict[str, Any]:
+        """The state after every row packed so far, served or not (``state_dict`` without shuffling): where a loader
+        with another row length (the next long-context stage) continues; the rest of a shuffled block is skipped."""
         current = None
         if self._doc_ref is not None:
             source, epoch, index = self._doc_ref
@@ -328,7 +325,7 @@ class PackedLoader:
         self._doc, self._doc_ref, self._doc_pos = doc, doc_ref, doc_pos
         self._block, self._block_pos, self._blocks, self._block_start = None, 0, 0, None
         if block is not None:  # repack the block the saved position is in
-            self._block_start = self._stream_state()
+            self._block_start = self.stream_state()
             self._blocks = block[1]
             self._next_block()
             self._block_pos = block[2]

@@ -71,6 +71,11 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 INT4_PACK_ROWS = 256  # rows repacked per call: a multiple of the CPU layout's 64-row blocks, which pack alone
 
 
+def int4_padded_rows(n: int) -> int:
+    """The kernel takes N in multiples of 16: the rows of a repacked matrix of ``n`` rows."""
+    return n + -n % 16
+
+
 def int4_runtime(q: torch.Tensor, scale: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored int4 ``(q [N, K/2], scale [N, G])`` → the CPU kernel's ``(packed [Np, K/2], scale_zeros [G, Np, 2])``
@@ -78,7 +83,7 @@ def int4_runtime(q: torch.Tensor, scale: torch.Tensor, out: tuple[torch.Tensor, 
     the product slices off. Written into ``out`` when given. The rows are packed ``INT4_PACK_ROWS`` at a time, so the
     temporaries (codes as int32, 8 bytes per packed byte) stay a few MB whatever the matrix."""
     N, half = q.shape
-    Np = N + -N % 16
+    Np = int4_padded_rows(N)
     if out is None:
         out = (torch.empty(Np, half, dtype=torch.uint8), torch.empty(scale.shape[1], Np, 2, dtype=KERNEL_DTYPE))
     packed, scale_zeros = out
@@ -86,8 +91,7 @@ def int4_runtime(q: torch.Tensor, scale: torch.Tensor, out: tuple[torch.Tensor, 
         r1 = min(r0 + INT4_PACK_ROWS, Np)
         codes = torch.full((r1 - r0, 2 * half), 8, dtype=torch.int32)
         n = max(0, min(r1, N) - r0)
-        codes[:n, 0::2] = q[r0:r0 + n] & 0xF
-        codes[:n, 1::2] = q[r0:r0 + n] >> 4
+        codes[:n] = int4_codes(q[r0:r0 + n])
         packed[r0:r1] = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
     scale_zeros[..., 1] = 0
     scale_zeros[:, N:, 0] = 0

@@ -49,7 +49,7 @@ class QuantWeight(nn.Module):
         if bits == 8:
             q_shape, q_dtype, s_shape = (*lead, N, K), torch.int8, (*lead, N)
         elif layout == "int4":
-            G, Np = K // group_size, N + -N % 16
+            G, Np = K // group_size, kernels.int4_padded_rows(N)
             q_shape, q_dtype, s_shape = (*lead, Np, K // 2), torch.uint8, (*lead, G, Np, 2)
         else:
             q_shape, q_dtype, s_shape = (*lead, N, K // 2), torch.uint8, (*lead, N, K // group_size)
@@ -197,7 +197,7 @@ def to_runtime(bits: int, layout: str, q: torch.Tensor, s: torch.Tensor, dtype: 
             release(q), release(s)
         return out
     E, N, half = q.shape
-    Np = N + -N % 16
+    Np = kernels.int4_padded_rows(N)
     packed = torch.empty(E, Np, half, dtype=torch.uint8)
     scale_zeros = torch.empty(E, s.shape[-1], Np, 2, dtype=kernels.KERNEL_DTYPE)
     for e in range(E):
