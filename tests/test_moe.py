@@ -46,6 +46,45 @@ def test_grouped_mm_matches_reference_forward_and_backward():
     torch.testing.assert_close(gw_fast, gw_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_bf16_pads_each_expert_group_and_matches_reference(monkeypatch):
+    """Under bf16 autocast on CPU each expert's rows are padded to a multiple of CPU_GROUP_ROWS (so oneDNN reuses its
+    kernels): the grouped products see only aligned group sizes, and output and gradients match the fp32 reference
+    within bf16 precision, and the unpadded bf16 path."""
+    cfg = _cfg()
+    ex = _experts(cfg)
+    x, w, e = _route(cfg, 37)
+    x.requires_grad_(True)
+    assert moe_mod.grouped_mm_works("cpu", torch.bfloat16)  # probed before the products are recorded
+    seen = []
+    grouped = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: seen.append(offs.tolist()) or grouped(a, b, offs=offs))
+
+    def run(align):
+        monkeypatch.setattr(moe_mod, "CPU_GROUP_ROWS", align)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ex(x, w, e).float()
+        return (y, *torch.autograd.grad(y, (x, ex.gate_up_proj, ex.down_proj), g))
+
+    g = torch.randn(37, cfg.hidden_size)
+    padded = run(16)
+    sizes = [b - a for offs in seen for a, b in zip([0] + offs[:-1], offs)]
+    assert seen and all(size % 16 == 0 for size in sizes) and max(seen[0]) > 37 * cfg.num_experts_per_tok
+    ref_y = ex.forward_reference(x, w, e)
+    ref = (ref_y, *torch.autograd.grad(ref_y, (x, ex.gate_up_proj, ex.down_proj), g))
+    for got, want in zip(padded, ref):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * float(want.detach().abs().max()))
+    for got, want in zip(padded, run(1)):
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.01 * float(want.detach().abs().max()))
+
+
+def test_aligned_rows_keep_order_inside_padded_groups():
+    expert_S = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 3, 3])
+    counts_E = torch.tensor([3, 0, 2, 5], dtype=torch.int32)
+    rows_S, padded_E = moe_mod._aligned_rows(expert_S, counts_E, 4)
+    assert padded_E.tolist() == [4, 0, 4, 8]
+    assert rows_S.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11, 12]
+
+
 def test_fallback_matches_reference(monkeypatch):
     cfg = _cfg()
     ex = _experts(cfg)

@@ -110,9 +110,12 @@ def corpus_source(root: Path, target: Path) -> Path:
 
 
 def recipe(overrides: list[str] = ()):
+    """The quickstart recipe with ``overrides``; on a CPU whose oneDNN has no bf16 kernels (no AVX-512), where bf16
+    autocast would be emulated and slower, the recipe's bf16 gives way to fp32."""
     from dscoder.train.config import TrainConfig
 
-    return TrainConfig.load(recipe_path(RECIPE), list(overrides))
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return TrainConfig.load(recipe_path(RECIPE), ([] if native_bf16 else ["train.dtype=float32"]) + list(overrides))
 
 
 def _steps_for(seconds: float, data_dir: Path) -> int:
