@@ -12,8 +12,8 @@ from pathlib import Path
 
 from conftest import untrained_checkpoint
 from dscoder.config import ModelConfig
-from dscoder.quickstart import (HUMANEVAL_STOPS, complete, completion_parse_rate, corpus_source, held_out_files,
-                                heldout_scores, perplexity, recipe)
+from dscoder.quickstart import (HUMANEVAL_STOPS, complete, completion_loop_rate, completion_parse_rate, corpus_source,
+                                held_out_files, heldout_scores, perplexity, recipe)
 from dscoder.tokenizer import Tokenizer
 
 
@@ -30,6 +30,14 @@ def test_completion_parse_rate_cuts_at_the_stops():
     from dscoder.eval.tasks import humaneval
 
     assert all(p.stop == HUMANEVAL_STOPS for p in humaneval())  # the stops the eval task cuts at
+
+
+def test_completion_loop_rate_counts_one_line_repeated():
+    loop = "    # 0.0\n" * 5 + "    return x\n"            # 5 of 6 lines the same comment: parses, and is a loop
+    body = "    y = x\n    y = x\n    z = y\n    return z\n"  # 2 of 4 the same: not more than half
+    short = "    x = 1\n" * 3                              # fewer than 4 lines
+    assert completion_loop_rate([loop, body, short, loop + "def g():\n" + "    x = 1\n" * 9], HUMANEVAL_STOPS) == 0.5
+    assert completion_loop_rate(["    x = 1\n    y = 2\ndef g():\n" + "    x = 1\n" * 9], HUMANEVAL_STOPS) == 0.0
 
 
 @dataclass

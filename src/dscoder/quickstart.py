@@ -44,6 +44,7 @@ MAX_NEW_TOKENS = 160
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]  # the HumanEval task's own
 FIM_MAX_TOKENS = 32  # single-line FIM scores the first line only, so generation stops at the first newline
 AFTER_PRETRAIN_S = 30  # seconds left to export, evaluate and report after pre-training
+CALIBRATION_STEPS = 8  # timed after as many warm-up steps (bf16 kernels are built for each new shape at first)
 EVAL_BATCH = 32  # rows decoded together: the 164 prompts take six batched passes instead of 164 sequential ones
 COMPLETION_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'  # ends as HumanEval's prompts do
 INFILL = ("def mean(values):\n    total =", "\n    return total / len(values)\n")
@@ -119,15 +120,16 @@ def recipe(overrides: list[str] = ()):
 
 
 def _steps_for(seconds: float, data_dir: Path) -> int:
-    """Calibrate: time a few training steps of the quickstart recipe (the fastest of them: other work on the
-    machine only ever slows a step down)."""
+    """Calibrate: time a few training steps of the quickstart recipe (the median of the last eight: the first steps
+    are slower while the kernels for each shape are built)."""
     from dscoder.train.pretrain import pretrain
 
     calib = data_dir.parent / "_calibrate"
     shutil.rmtree(calib, ignore_errors=True)
-    config = recipe([f"data.path={data_dir}", "train.steps=8", "train.ckpt_every=8"])
+    config = recipe([f"data.path={data_dir}", f"train.steps={2 * CALIBRATION_STEPS}",
+                     f"train.ckpt_every={2 * CALIBRATION_STEPS}"])
     pretrain(config, calib)
-    rows = [row for _, row in read_jsonl(calib / "metrics.jsonl", "metrics")][2:]
+    rows = [row for _, row in read_jsonl(calib / "metrics.jsonl", "metrics")][CALIBRATION_STEPS:]
     shutil.rmtree(calib, ignore_errors=True)
     tokens = config.train.micro_batch * config.data.seq_len
     per_step = sorted(tokens / r["tokens_per_s"] for r in rows)[len(rows) // 2]  # the median step
@@ -237,6 +239,22 @@ def completion_parse_rate(prompts: list[str], completions: list[str], stops: lis
     return sum(parses(p + cut_at_stops(c, stops)) for p, c in zip(prompts, completions, strict=True)) / len(prompts)
 
 
+def is_loop(completion: str) -> bool:
+    """Whether ``completion`` is mostly one line repeated: 4 or more non-blank lines, more than half of them the
+    same line (stripped). Such text can parse (a comment or an assignment repeated) without being a function body."""
+    lines = [line.strip() for line in completion.splitlines() if line.strip()]
+    return len(lines) >= 4 and max(lines.count(line) for line in set(lines)) * 2 > len(lines)
+
+
+def completion_loop_rate(completions: list[str], stops: list[str]) -> float:
+    """Share of ``completions`` (cut at the first of ``stops``) that are mostly one line repeated (:func:`is_loop`)."""
+    from dscoder.eval.base import cut_at_stops
+
+    if not completions:
+        raise DscoderError("no completions to check")
+    return sum(is_loop(cut_at_stops(c, stops)) for c in completions) / len(completions)
+
+
 def complete(engine, prompts: list, **sampling) -> list[str]:
     """Greedy completions of ``prompts`` (texts or token ids), each given to the model exactly as written. A HumanEval prompt ends with
     its docstring's closing quotes and a newline, which the quickstart's tokenizer keeps together as one token: the
@@ -278,6 +296,7 @@ def stage_eval(out: Path) -> dict[str, Any]:
         scores["completion_parse_rate"] = completion_parse_rate([p.prompt for p in problems], texts,
                                                                 problems[0].stop)
         scores["completion_nonempty_rate"] = sum(bool(t.strip()) for t in texts) / len(texts)
+        scores["completion_loop_rate"] = completion_loop_rate(texts, problems[0].stop)
         fim_spec = get_task("fim")
         fims = [p for p in fim_spec.load(fim_spec.resolve({}), LoadContext(tokenizer=engine.tokenizer))
                 if len(engine.fim_ids(p.prompt, p.suffix)) + FIM_MAX_TOKENS <= engine.max_len]
@@ -411,6 +430,7 @@ next-token prediction with FIM on {config['data']['fim_rate']:.0%} of the docume
 | HumanEval pass@1 (greedy, sandboxed) | {fmt(scores.get('humaneval_pass@1'), '.3f')} |
 | HumanEval completions that parse as Python (prompt + completion cut at the stop sequences) | {fmt(scores.get('completion_parse_rate'), '.3f')} |
 | HumanEval completions that are not empty | {fmt(scores.get('completion_nonempty_rate'), '.3f')} |
+| HumanEval completions that are mostly one line repeated (parsing or not) | {fmt(scores.get('completion_loop_rate'), '.3f')} |
 | FIM single-line exact match ({scores.get('fim_problems', 'all')} problems) | {fmt(scores.get('fim_exact_match'), '.3f')} |
 | FIM pass@1 | {fmt(scores.get('fim_pass@1'), '.3f')} |
 | perplexity per token on {scores['heldout_files']} held-out files | {scores['heldout_perplexity']:.1f} |

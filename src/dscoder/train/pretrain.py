@@ -180,20 +180,22 @@ def _apply_stage_rope(model, stage: Stage, base: ModelConfig) -> None:
     unwrap(model).set_rope_factor(stage.rope_factor)
 
 
-def _peak_flops(device: torch.device) -> tuple[float, str]:
-    """The denominator of MFU: the GPU's dense bf16 peak, or on CPU a measured fp32 matmul rate."""
+def _peak_flops(device: torch.device, dtype: str = "float32") -> tuple[float, str]:
+    """The denominator of MFU: the GPU's dense bf16 peak, or on CPU a measured matmul rate in the training dtype
+    (``train.dtype``: bf16 matmuls run about 4x faster than fp32 on a CPU with AVX512-BF16)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L40", 181), ("A10", 125), ("4090", 165)):
             if key in name:
                 return tflops * 1e12, f"{name} bf16 peak"
         return float("nan"), name
-    a = torch.randn(1024, 1024)
+    bf16 = dtype == "bfloat16"
+    a = torch.randn(1024, 1024, dtype=torch.bfloat16 if bf16 else torch.float32)
     a @ a
     t0 = time.perf_counter()
     for _ in range(8):
         a @ a
-    return 8 * 2 * 1024**3 / (time.perf_counter() - t0), "measured CPU fp32 matmul rate"
+    return 8 * 2 * 1024**3 / (time.perf_counter() - t0), f"measured CPU {'bf16' if bf16 else 'fp32'} matmul rate"
 
 
 def _expert_load(counts_LE: torch.Tensor | None) -> float | None:
@@ -248,7 +250,7 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     if loader_state is not None:
         loader.load_state_dict(loader_state)
     names = source_names(config)
-    peak, peak_name = _peak_flops(d.device)
+    peak, peak_name = _peak_flops(d.device, t.dtype)
     flops_per_token = unwrap(model).flops_per_token(stage.seq_len)
     last: dict[str, Any] = {}
     step = start
