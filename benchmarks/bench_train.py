@@ -49,7 +49,7 @@ def main() -> None:
                               humaneval=False), workers=1)
             data = str(tmp / "build")
         runs = {"tiny (seq 256, batch 8)": ("tiny", ["data.seq_len=256", "train.micro_batch=8"]),
-                "quickstart (hidden 128, 3 layers; seq 512, batch 4)": ("quickstart", ["data.shuffle_rows=0"]),
+                "quickstart recipe (its vocabulary: 4,096 here)": ("quickstart", ["data.shuffle_rows=0"]),
                 "mid (hidden 512, 8 layers, 16 experts top-4; seq 512, batch 4)":
                     ("tiny", ["data.seq_len=512", "train.micro_batch=4", *MID])}
         dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
