@@ -106,3 +106,13 @@ def test_the_recipe_is_a_deepseek_v2_moe_with_mla():
     assert model.yarn is not None
     assert config.data.fim_rate > 0  # the report shows an infill
     assert config.data.seq_len * 4 <= model.max_position_embeddings  # YaRN's stretch covers prompt + completion
+
+
+def test_recipe_trains_in_bf16_only_with_native_kernels(monkeypatch):
+    import dscoder.quickstart as qs
+
+    monkeypatch.setattr(qs, "_native_bf16", lambda: True)
+    assert recipe().train.dtype == "bfloat16"
+    monkeypatch.setattr(qs, "_native_bf16", lambda: False)
+    assert recipe().train.dtype == "float32"
+    assert recipe(["train.dtype=bfloat16"]).train.dtype == "bfloat16"  # an explicit override still wins

@@ -480,13 +480,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
-        return args.func(args)
+        code = args.func(args)
     except DscoderError as e:
         sys.stderr.write(f"dscoder: error: {e}\n")  # one write: ranks sharing a stderr do not splice their lines
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("dscoder: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    trained = sys.modules.get("dscoder.train.pretrain")
+    if trained is not None and trained.PROCESS_GROUPS:  # a torchrun rank, its work written: leave without tearing
+        # down gloo (see dscoder.train.pretrain.PROCESS_GROUPS)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -115,8 +115,15 @@ def recipe(overrides: list[str] = ()):
     autocast would be emulated and slower, the recipe's bf16 gives way to fp32."""
     from dscoder.train.config import TrainConfig
 
-    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return TrainConfig.load(recipe_path(RECIPE), ([] if native_bf16 else ["train.dtype=float32"]) + list(overrides))
+    return TrainConfig.load(recipe_path(RECIPE), ([] if _native_bf16() else ["train.dtype=float32"]) + list(overrides))
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls through oneDNN's bf16 kernels (a build without oneDNN: no)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _steps_for(seconds: float, data_dir: Path) -> int:

@@ -52,7 +52,14 @@ def setup_distributed() -> Dist:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        PROCESS_GROUPS.append(dist.group.WORLD)
     return Dist(rank, world, local_rank, device)
+
+
+# The default process group of a torchrun rank, held until the process ends (``dscoder.cli.main`` then leaves with
+# ``os._exit``): freed with the model instead, gloo's destructor joined its worker thread while holding the GIL,
+# and that thread waited for the GIL to free a finished collective's tensors (a GRPO rank hung after its run).
+PROCESS_GROUPS: list = []
 
 
 # ----- model -----------------------------------------------------------------------------------------------------
