@@ -54,13 +54,13 @@ def main() -> None:
                     ("tiny", ["data.seq_len=512", "train.micro_batch=4", *MID])}
         dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
         print(f"{'model':<62}{'dtype':>10}{'params':>10}{'tokens/s':>11}{'MFU':>8}{'vs fp32':>9}")
-        for name, (recipe, overrides) in runs.items():
+        for i, (name, (recipe, overrides)) in enumerate(runs.items()):
             speed = {}
             for dtype in dtypes:
                 config = TrainConfig.load(ROOT / "configs" / f"{recipe}.toml",
                                           [f"data.path={data}", f"train.steps={args.steps}",
                                            f"train.ckpt_every={args.steps}", f"train.dtype={dtype}", *overrides])
-                out = tmp / f"{recipe}-{len(overrides)}-{dtype}"
+                out = tmp / f"run{i}-{dtype}"
                 pretrain(config, out)
                 rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
                 rows = rows[len(rows) // 3:]

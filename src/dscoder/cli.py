@@ -487,9 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dscoder: interrupted", file=sys.stderr)
         code = 130
+    # A torchrun rank, its work written, leaves without tearing gloo down (see dscoder.train.pretrain.PROCESS_GROUPS).
     trained = sys.modules.get("dscoder.train.pretrain")
-    if trained is not None and trained.PROCESS_GROUPS:  # a torchrun rank, its work written: leave without tearing
-        # down gloo (see dscoder.train.pretrain.PROCESS_GROUPS)
+    if trained is not None and trained.PROCESS_GROUPS:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -187,7 +187,7 @@ def _apply_stage_rope(model, stage: Stage, base: ModelConfig) -> None:
     unwrap(model).set_rope_factor(stage.rope_factor)
 
 
-def _peak_flops(device: torch.device, dtype: str = "float32") -> tuple[float, str]:
+def _peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
     """The denominator of MFU: the GPU's dense bf16 peak, or on CPU a measured matmul rate in the training dtype
     (``train.dtype``: bf16 matmuls run about 4x faster than fp32 on a CPU with AVX512-BF16)."""
     if device.type == "cuda":
