@@ -10,6 +10,8 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from conftest import untrained_checkpoint
 from dscoder.config import ModelConfig
 from dscoder.quickstart import (HUMANEVAL_STOPS, complete, completion_loop_rate, completion_parse_rate, corpus_source,
@@ -116,3 +118,24 @@ def test_recipe_trains_in_bf16_only_with_native_kernels(monkeypatch):
     monkeypatch.setattr(qs, "_native_bf16", lambda: False)
     assert recipe().train.dtype == "float32"
     assert recipe(["train.dtype=bfloat16"]).train.dtype == "bfloat16"  # an explicit override still wins
+
+
+def test_export_stage_averages_the_last_checkpoints(tmp_path, monkeypatch):
+    """The quickstart's model is the mean of the run's last AVERAGE_LAST checkpoints (all of them when it kept fewer)."""
+    import shutil
+
+    import dscoder
+    import dscoder.quickstart as qs
+    from dscoder.train import checkpoint as ckpt
+
+    weights = []
+    for step in (1, 2, 3):
+        model = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=step)
+        weights.append(model.state_dict()["model.embed_tokens.weight"])
+        ckpt.save(tmp_path / "a" / "pretrain", step, model, torch.optim.AdamW(model.parameters()),
+                  extra={"step": step}, meta={"model": model.config.to_hf_dict()}, keep=3)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for run, last, mean_of in (("a", 2, weights[1:]), ("b", 8, weights)):
+        monkeypatch.setattr(qs, "AVERAGE_LAST", last)
+        got = dscoder.load_model(qs.stage_export(tmp_path / run)).state_dict()["model.embed_tokens.weight"]
+        torch.testing.assert_close(got, sum(mean_of) / len(mean_of))

@@ -442,3 +442,47 @@ def test_overrides_before_and_after_options(data_dir, tmp_path):
     assert cfg["data"]["seq_len"] == 32 and cfg["train"]["steps"] == 1
     with pytest.raises(SystemExit):
         main(["train", "pretrain", "--config", "tiny", "--out", str(tmp_path / "r2"), "--bogus"])
+
+
+def test_export_average_is_the_mean_of_the_last_checkpoints(tmp_path, capsys):
+    """--average N: the mean of the checkpoint's weights and the N-1 before it (a checkpoint names where the
+    stretch ends); too few checkpoints, N < 1, a damaged one or --format gguf: one line, exit 2."""
+    import dscoder
+    from dscoder.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    weights = []
+    for step in (1, 2, 3):
+        model = dscoder.build_model(dscoder.ModelConfig.preset("tiny"), seed=step)
+        weights.append(model.state_dict())
+        ckpt.save(run, step, model, torch.optim.AdamW(model.parameters()), extra={"step": step},
+                  meta={"model": model.config.to_hf_dict()}, keep=3)
+    for i, (argv, mean_of) in enumerate(((["--average", "2"], (1, 2)), (["--average", "1"], (2,)),
+                                         ([], (2,)), (["--average", "3"], (0, 1, 2)))):
+        out = tmp_path / f"hf{i}"
+        assert main(["export", str(run), "--out", str(out), *argv]) == 0, capsys.readouterr().err
+        got = dscoder.load_model(out).state_dict()
+        for name, t in got.items():
+            want = sum(weights[i][name] for i in mean_of) / len(mean_of)
+            torch.testing.assert_close(t, want, rtol=1e-6, atol=1e-6, msg=name)
+    averaged = json.loads((tmp_path / "hf3" / "dscoder_training_meta.json").read_text())["averaged"]
+    assert averaged == ["step-000001", "step-000002", "step-000003"]
+    out = tmp_path / "hf_step2"
+    assert main(["export", str(ckpt.checkpoints(run)[1]), "--out", str(out), "--average", "2"]) == 0
+    torch.testing.assert_close(dscoder.load_model(out).state_dict()["model.embed_tokens.weight"],
+                               (weights[0]["model.embed_tokens.weight"] + weights[1]["model.embed_tokens.weight"]) / 2)
+    capsys.readouterr()
+    for argv, needle in ((["--average", "4"], "--average 4 needs 4 checkpoints up to step-000003; the run keeps 3"),
+                         (["--average", "0"], "--average 0: expected a whole number of checkpoints, at least 1"),
+                         (["--average", "2", "--format", "gguf"], "--average is for --format hf")):
+        assert main(["export", str(run), "--out", str(tmp_path / "x.gguf" if "gguf" in argv else tmp_path / "x"),
+                     *argv]) == 2
+        err = _messages(capsys)
+        assert len(err) == 1 and needle in err[0], err
+    with open(next((ckpt.checkpoints(run)[1]).glob("*.distcp")), "r+b") as f:  # bytes changed after the save
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--average", "2"]) == 2
+    err = _messages(capsys)
+    assert len(err) == 1 and "step-000002: damaged checkpoint" in err[0], err
+    assert main(["export", str(run), "--out", str(tmp_path / "x")]) == 0  # the newest alone is intact

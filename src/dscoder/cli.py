@@ -214,13 +214,15 @@ def export_checkpoint(args: argparse.Namespace) -> int:
 
         if args.dtype is not None:
             raise DscoderError("--dtype is for --format hf; a GGUF file takes --type f16|bf16|q8_0")
+        if args.average != 1:
+            raise DscoderError("--average is for --format hf; export the averaged HF checkpoint, then convert that")
         out = export_gguf(args.source, args.out, type=args.type or "f16", merge_lora=args.merge_lora)
         print(f"wrote a GGUF file ({args.type or 'f16'}, llama.cpp's deepseek2) to {out}")
         return 0
     if args.type is not None:
         raise DscoderError("--type is for --format gguf; an HF checkpoint takes --dtype")
-    out = export(args.source, args.out, dtype=args.dtype, merge_lora=args.merge_lora)
-    print(f"wrote an HF checkpoint to {out}")
+    out = export(args.source, args.out, dtype=args.dtype, merge_lora=args.merge_lora, average=args.average)
+    print(f"wrote an HF checkpoint to {out}" + (f" (the mean of {args.average} checkpoints)" if args.average > 1 else ""))
     return 0
 
 
@@ -407,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--merge-lora", action="store_true",
                     help="a LoRA run: fold the adapter into the base weights and write the merged model (the "
                          "adapter alone is in RUN/adapter, in PEFT's format)")
+    ex.add_argument("--average", type=int, default=1, metavar="N",
+                    help="export the mean of the weights of the checkpoint and the N-1 before it in its run "
+                         "(checkpoint averaging; default 1: the checkpoint alone)")
     ex.set_defaults(func=export_checkpoint)
 
     from dscoder.eval.cli import register as register_eval

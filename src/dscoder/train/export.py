@@ -4,7 +4,9 @@ The checkpoint is verified against its manifest first (a run directory exports i
 output may not be a file, the run directory itself or a place inside its checkpoints, another run, or a directory
 holding files an export does not write: an export never writes over a run's files or anything else a user made.
 The run's tokenizer (``RUN/tokenizer``, or the directory its checkpoint names) is exported with the weights; a run
-without one, or non-finite weights, get a one-line warning.
+without one, or non-finite weights, get a one-line warning. ``average=N`` exports the mean of the weights of that
+checkpoint and the N-1 checkpoints before it in its run (checkpoint averaging: the mean of the last stretch of a
+run is smoother than its last step, which follows the last few batches).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
     return [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
-def export(source: str | Path, out: str | Path, dtype: str | None = None, merge_lora: bool = False) -> Path:
+def export(source: str | Path, out: str | Path, dtype: str | None = None, merge_lora: bool = False,
+           average: int = 1) -> Path:
     from dscoder.model.build import save_model
     from dscoder.tokenizer import Tokenizer
 
@@ -87,7 +90,12 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None, merge_
     out = Path(out)
     check_out(out, run_dir_of(path))
     meta = ckpt.read_meta(path)
-    model = _load_weights(path, meta, merge_lora)
+    if average == 1:
+        model = _load_weights(path, meta, merge_lora)
+    else:
+        chosen = averaged_checkpoints(path, average)
+        model = average_weights(chosen, merge_lora)
+        meta = {**meta, "averaged": [p.name for p in chosen]}
     save_model(model, out, dtype=dtype)
     tokenizer_dir = run_tokenizer(path, meta)
     if tokenizer_dir is not None:
@@ -98,6 +106,41 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None, merge_
         ckpt.warn(f"{path}: the run has no tokenizer; exported without one")
     write_json(out / "dscoder_training_meta.json", meta)
     return out
+
+
+def averaged_checkpoints(path: Path, n: int) -> list[Path]:
+    """``path`` and the ``n - 1`` checkpoints before it in its run, oldest first, each verified."""
+    if not isinstance(n, int) or n < 1:
+        raise DscoderError(f"--average {n}: expected a whole number of checkpoints, at least 1")
+    found = [p.resolve() for p in ckpt.checkpoints(run_dir_of(path))]
+    chosen = found[:found.index(path.resolve()) + 1][-n:]
+    if len(chosen) < n:
+        raise DscoderError(f"{path}: --average {n} needs {n} checkpoints up to {path.name}; the run keeps "
+                           f"{len(chosen)} (train.keep_checkpoints sets how many are kept)")
+    for p in chosen:
+        problem = ckpt.verify(p)
+        if problem:
+            raise CheckpointError(f"{p}: damaged checkpoint ({problem}); average fewer checkpoints")
+    return chosen
+
+
+def average_weights(paths: list[Path], merge_lora: bool = False) -> torch.nn.Module:
+    """The model whose floating-point weights are the mean of those of the checkpoints ``paths`` (one model config;
+    other tensors, if any, from the last), accumulated in fp32 one checkpoint at a time."""
+    metas = [ckpt.read_meta(p) for p in paths]
+    for p, meta in zip(paths, metas):
+        if meta["model"] != metas[-1]["model"]:
+            raise DscoderError(f"{p}: another model config than {paths[-1].name}; checkpoints to average must share one")
+    total: dict[str, torch.Tensor] = {}
+    for p, meta in zip(paths, metas):
+        model = _load_weights(p, meta, merge_lora)
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                total[name] = total[name] + t.float() if name in total else t.float().clone()
+    state = model.state_dict()
+    model.load_state_dict({name: (total[name] / len(paths)).to(t.dtype) if name in total else t
+                           for name, t in state.items()})
+    return model
 
 
 def load_run_model(source: str | Path, merge_lora: bool = False) -> tuple[torch.nn.Module, Path | None, str]:
