@@ -139,3 +139,36 @@ def test_export_stage_averages_the_last_checkpoints(tmp_path, monkeypatch):
         monkeypatch.setattr(qs, "AVERAGE_LAST", last)
         got = dscoder.load_model(qs.stage_export(tmp_path / run)).state_dict()["model.embed_tokens.weight"]
         torch.testing.assert_close(got, sum(mean_of) / len(mean_of))
+
+
+def test_pretrain_stage_replans_its_steps_from_the_time_they_took(tmp_path, monkeypatch):
+    """Planned for 1,000 steps of 0.1 s in 100 s, on a machine that turns out to take 0.2 s a step: the stage stops
+    at a quarter of the way (step 250, 50 s) and re-plans to about 495 steps, so the half-way point has passed; it
+    stops again at three quarters of the new plan, re-plans, and ends within the budget. A resumed stage keeps the
+    plan it finds."""
+    import types
+
+    import dscoder.quickstart as qs
+    import dscoder.train.pretrain as pt
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(qs, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(qs, "_steps_for", lambda seconds, data: int(seconds / 0.1))
+    calls = []
+
+    def fake_pretrain(config, run, resume=False, max_steps=None):
+        start = calls[-1][1] if calls else 0
+        stop = config.train.steps if max_steps is None else max_steps
+        calls.append((config.train.steps, stop, resume))
+        clock.now += 0.2 * (stop - start)
+
+    monkeypatch.setattr(pt, "pretrain", fake_pretrain)
+    result = qs.stage_pretrain(tmp_path, 100.0)
+    assert [c[2] for c in calls] == [False, True, True]
+    assert calls[0] == (1000, 250, False) and calls[1][1] == calls[1][0] * 3 // 4  # the stop from the new plan
+    assert 95 <= clock.now <= 100 and result["steps"] == calls[-1][0] == calls[-1][1] < 500
+    assert json.loads((tmp_path / "pretrain" / "quickstart_steps.json").read_text())["steps"] == result["steps"]
+    calls.clear()
+    (tmp_path / "pretrain" / "checkpoints" / "step-000300").mkdir(parents=True)  # as if stopped at step 300
+    assert qs.stage_pretrain(tmp_path, 100.0)["steps"] == result["steps"]
+    assert calls == [(result["steps"], result["steps"], True)]

@@ -50,6 +50,8 @@ CALIBRATION_STEPS = 16  # timed after as many warm-up steps (bf16 kernels are bu
 # apart parsed between 35% and 57% of the HumanEval prompts (48% on average); the mean of the last 14 parsed 53% and
 # read the held-out files at 1.689 bits per byte, against 1.699 for the last checkpoint.
 AVERAGE_LAST = 8
+REPLAN_AT = (0.25, 0.5, 0.75)  # fractions of the planned steps at which the steps are re-planned from the time taken
+REPLAN_MARGIN = 1.02  # for the export, the evaluation's start and the noise of the machine
 EVAL_BATCH = 32  # rows decoded together: the 164 prompts take six batched passes instead of 164 sequential ones
 COMPLETION_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'  # ends as HumanEval's prompts do
 INFILL = ("def mean(values):\n    total =", "\n    return total / len(values)\n")
@@ -151,17 +153,26 @@ def _steps_for(seconds: float, data_dir: Path) -> int:
 
 
 def stage_pretrain(out: Path, seconds: float) -> dict[str, Any]:
+    """Pre-train for the steps that fit ``seconds``: planned by the calibration, then re-planned at a quarter, half
+    and three quarters of the way from the seconds the steps so far took (the run stops there, with a checkpoint,
+    and resumes with the new total). A step's time drifts by a tenth over minutes on a shared machine (500-step
+    medians of one run went from 0.122 to 0.142 s and back), which the calibration's few steps cannot see: planned
+    from them alone, one run trained 749 s of its 690. The cosine schedule follows the new total from the step it
+    is set at (at a quarter of the way, 10% more or fewer steps move the rate by about 2%)."""
     from dscoder.train.checkpoint import checkpoints
     from dscoder.train.pretrain import pretrain
 
+    began = time.perf_counter()
     run = out / "pretrain"
     plan = run / "quickstart_steps.json"
     if plan.exists():
         steps = json.loads(plan.read_text())["steps"]
+        replan = False  # a resumed run does not know the time already spent: it keeps the plan it had
     else:
         steps = _steps_for(seconds, out / "data")
         run.mkdir(parents=True, exist_ok=True)
         write_json(plan, {"steps": steps, "budget_s": seconds})
+        replan = True
     found = checkpoints(run)
     last = int(found[-1].name.split("-")[1]) if found else 0
     if last >= steps:
@@ -169,14 +180,28 @@ def stage_pretrain(out: Path, seconds: float) -> dict[str, Any]:
         return {"steps": steps}
     _log(f"pretrain: the {RECIPE} recipe for {steps} steps (about {seconds / 60:.0f} min), next-token + FIM"
          + (f", resuming at step {last}" if last else ""))
+    for fraction in (REPLAN_AT if replan else ()):
+        stop = int(steps * fraction)
+        if stop <= last:
+            continue
+        t0 = time.perf_counter()
+        pretrain(_pretrain_config(out, steps), run, resume=bool(last), max_steps=stop)
+        per_step = (time.perf_counter() - t0) / (stop - last)
+        left = seconds - (time.perf_counter() - began)
+        steps, last = max(stop + 1, stop + int(left / (per_step * REPLAN_MARGIN))), stop
+        write_json(plan, {"steps": steps, "budget_s": seconds})
+        _log(f"pretrain: {per_step:.3f} s a step so far, {left:.0f} s left: {steps} steps in all")
+    pretrain(_pretrain_config(out, steps), run, resume=bool(last))
+    return {"steps": steps}
+
+
+def _pretrain_config(out: Path, steps: int):
     # warmup 5% of the steps (at least 10): long enough for AdamW's second moments at this batch, short enough to
     # leave the budget to the decay; checkpoints every fiftieth of the run (the export averages the last ones, and an
     # interrupted run loses little)
-    config = recipe([f"data.path={out / 'data'}", f"train.steps={steps}",
-                     f"train.warmup_steps={max(10, steps // 20)}", f"train.ckpt_every={max(10, steps // 50)}",
-                     f"train.keep_checkpoints={AVERAGE_LAST}"])
-    pretrain(config, run, resume=bool(found))
-    return {"steps": steps}
+    return recipe([f"data.path={out / 'data'}", f"train.steps={steps}",
+                   f"train.warmup_steps={max(10, steps // 20)}", f"train.ckpt_every={max(10, steps // 50)}",
+                   f"train.keep_checkpoints={AVERAGE_LAST}"])
 
 
 def stage_export(out: Path) -> Path:
