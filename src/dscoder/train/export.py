@@ -113,6 +113,8 @@ def averaged_checkpoints(path: Path, n: int) -> list[Path]:
     if not isinstance(n, int) or n < 1:
         raise DscoderError(f"--average {n}: expected a whole number of checkpoints, at least 1")
     found = [p.resolve() for p in ckpt.checkpoints(run_dir_of(path))]
+    if path.resolve() not in found:
+        raise DscoderError(f"{path}: --average needs a checkpoint inside a run (RUN/checkpoints/step-N)")
     chosen = found[:found.index(path.resolve()) + 1][-n:]
     if len(chosen) < n:
         raise DscoderError(f"{path}: --average {n} needs {n} checkpoints up to {path.name}; the run keeps "
