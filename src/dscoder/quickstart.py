@@ -155,7 +155,7 @@ def _steps_for(seconds: float, data_dir: Path) -> int:
 def stage_pretrain(out: Path, seconds: float) -> dict[str, Any]:
     """Pre-train for the steps that fit ``seconds``: planned by the calibration, then re-planned at a quarter, half
     and three quarters of the way from the seconds the steps so far took (the run stops there, with a checkpoint,
-    and resumes with the new total). A step's time drifts by a tenth over minutes on a shared machine (500-step
+    and resumes with the new total). A step's time drifts by a tenth over minutes, even on a quiet machine (500-step
     medians of one run went from 0.122 to 0.142 s and back), which the calibration's few steps cannot see: planned
     from them alone, one run trained 749 s of its 684. The cosine schedule follows the new total from the step it
     is set at (at a quarter of the way, 10% more or fewer steps move the rate by about 2%)."""
