@@ -46,7 +46,7 @@ FIM_MAX_TOKENS = 32  # single-line FIM scores the first line only, so generation
 AFTER_PRETRAIN_S = 30  # seconds left to export, evaluate and report after pre-training
 CALIBRATION_STEPS = 16  # timed after as many warm-up steps (bf16 kernels are built for each new shape at first)
 # The exported model is the mean of the run's last 8 checkpoints, saved every fiftieth of the run (its last 14%). At
-# this rate the last step follows the last few batches: in four runs the 8 checkpoints' parse rates spread over 18 to
+# this rate the last step follows the last few batches: in five runs the 8 checkpoints' parse rates spread over 18 to
 # 32 points. Their mean read the held-out files at lower bits per byte than the last checkpoint in both runs measured
 # (1.695 against 1.699; 1.746 against 1.770), and its parse rate lay within each run's spread (docs/quickstart.md).
 AVERAGE_LAST = 8
