@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -491,3 +492,9 @@ def test_export_average_is_the_mean_of_the_last_checkpoints(tmp_path, capsys):
     assert main(["export", str(tmp_path / "loose" / "step-000003"), "--out", str(tmp_path / "y"), "--average", "2"]) == 2
     err = _messages(capsys)
     assert len(err) == 1 and "--average needs a checkpoint inside a run" in err[0], err
+    other = dscoder.build_model(dataclasses.replace(dscoder.ModelConfig.preset("tiny"), kv_lora_rank=16), seed=4)
+    ckpt.save(run, 4, other, torch.optim.AdamW(other.parameters()), extra={"step": 4},
+              meta={"model": other.config.to_hf_dict()}, keep=4)
+    assert main(["export", str(run), "--out", str(tmp_path / "y"), "--average", "2"]) == 2
+    err = _messages(capsys)
+    assert len(err) == 1 and "another model config than step-000004" in err[0], err

@@ -109,7 +109,8 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None, merge_
 
 
 def averaged_checkpoints(path: Path, n: int) -> list[Path]:
-    """``path`` and the ``n - 1`` checkpoints before it in its run, oldest first, each verified."""
+    """``path`` (verified already, by :func:`resolve_checkpoint`) and the ``n - 1`` checkpoints before it in its
+    run, oldest first, those verified here."""
     if not isinstance(n, int) or n < 1:
         raise DscoderError(f"--average {n}: expected a whole number of checkpoints, at least 1")
     found = [p.resolve() for p in ckpt.checkpoints(run_dir_of(path))]
@@ -119,7 +120,7 @@ def averaged_checkpoints(path: Path, n: int) -> list[Path]:
     if len(chosen) < n:
         raise DscoderError(f"{path}: --average {n} needs {n} checkpoints up to {path.name}; the run keeps "
                            f"{len(chosen)} (train.keep_checkpoints sets how many are kept)")
-    for p in chosen:
+    for p in chosen[:-1]:
         problem = ckpt.verify(p)
         if problem:
             raise CheckpointError(f"{p}: damaged checkpoint ({problem}); average fewer checkpoints")
