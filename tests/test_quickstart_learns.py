@@ -110,6 +110,21 @@ def test_the_recipe_is_a_deepseek_v2_moe_with_mla():
     assert config.data.seq_len * 4 <= model.max_position_embeddings  # YaRN's stretch covers prompt + completion
 
 
+def test_calibration_times_the_recipe_on_the_corpus_alone(stdlib_build, tmp_path, monkeypatch):
+    """The calibration trains the recipe itself for a few steps, on the corpus only: the recipe's anneal build does
+    not exist yet where it points (runs/quickstart/functions, relative to wherever the user is), and the calibration
+    leaves nothing behind."""
+    import dscoder.quickstart as qs
+
+    assert recipe().data.anneal_fraction > 0  # the recipe anneals
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "data").symlink_to(stdlib_build, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    steps = qs._steps_for(60.0, tmp_path / "qs" / "data")
+    assert 20 <= steps and 60.0 / steps > 0.005  # a step of this recipe takes milliseconds, not microseconds
+    assert sorted(p.name for p in (tmp_path / "qs").iterdir()) == ["data"]
+
+
 def test_recipe_trains_in_bf16_only_with_native_kernels(monkeypatch):
     import dscoder.quickstart as qs
 
@@ -144,8 +159,8 @@ def test_export_stage_averages_the_last_checkpoints(tmp_path, monkeypatch):
 def test_pretrain_stage_replans_its_steps_from_the_time_they_took(tmp_path, monkeypatch):
     """Planned for 1,000 steps of 0.1 s in 100 s, on a machine that turns out to take 0.2 s a step: the stage stops
     at a quarter of the way (step 250, 50 s) and re-plans to about 495 steps, so the half-way point has passed; it
-    stops again at three quarters of the new plan, re-plans, and ends within the budget. A resumed stage keeps the
-    plan it finds."""
+    stops again at 70% of the new plan, before the recipe's anneal starts, re-plans, and ends within the budget. A
+    resumed stage keeps the plan it finds."""
     import types
 
     import dscoder.quickstart as qs
@@ -160,12 +175,13 @@ def test_pretrain_stage_replans_its_steps_from_the_time_they_took(tmp_path, monk
         start = calls[-1][1] if calls else 0
         stop = config.train.steps if max_steps is None else max_steps
         calls.append((config.train.steps, stop, resume))
+        assert max_steps is None or max_steps < config.anneal_start  # a re-planning stop comes before the anneal
         clock.now += 0.2 * (stop - start)
 
     monkeypatch.setattr(pt, "pretrain", fake_pretrain)
     result = qs.stage_pretrain(tmp_path, 100.0)
     assert [c[2] for c in calls] == [False, True, True]
-    assert calls[0] == (1000, 250, False) and calls[1][1] == calls[1][0] * 3 // 4  # the stop from the new plan
+    assert calls[0] == (1000, 250, False) and calls[1][1] == int(calls[1][0] * 0.7)  # the stop from the new plan
     assert 95 <= clock.now <= 100 and result["steps"] == calls[-1][0] == calls[-1][1] < 500
     assert json.loads((tmp_path / "pretrain" / "quickstart_steps.json").read_text())["steps"] == result["steps"]
     calls.clear()

@@ -158,6 +158,15 @@ def data_recall(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_functions(args: argparse.Namespace) -> int:
+    from dscoder.data.functions import write_functions
+
+    counts = write_functions(args.sources, args.out, args.max_lines)
+    print(f"{counts['functions']:,} functions ({counts['bytes']:,} bytes) from {counts['files']:,} Python files; "
+          f"wrote {args.out}")
+    return 0
+
+
 def data_languages(args: argparse.Namespace) -> int:
     from dscoder.data.langid import coverage
 
@@ -353,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--min-count", type=int, default=3, help="fastText minimum word count (3)")
     r.add_argument("--epoch", type=int, default=3, help="fastText epochs (3)")
     r.set_defaults(func=data_recall)
+    fn = data_sub.add_parser(
+        "functions", help="a build's Python functions with docstrings, one document each (for an anneal)",
+        description="Cut every Python function or method that has a docstring and a body (at most --max-lines "
+                    "lines) out of its file, dedented, as a document of its own: the form of the task a code model "
+                    "is asked for, for the end of a run (data.anneal_path). Reads data build folders (their Python "
+                    "documents) or .jsonl(.gz) files of {\"text\", \"path\"}; writes a jsonl to build with the "
+                    "corpus's tokenizer: dscoder data build FILE --tokenizer BUILD/tokenizer --no-dedup --out DIR")
+    fn.add_argument("sources", nargs="+", metavar="SOURCE", help="data build folders or .jsonl(.gz) files")
+    fn.add_argument("--out", required=True, help="the jsonl file to write")
+    fn.add_argument("--max-lines", type=int, default=40, help="longest function kept, in lines (40)")
+    fn.set_defaults(func=data_functions)
     langs = data_sub.add_parser("languages", help="how the language detector covers the paper's 338 languages",
                                 description="Compare go-enry's (Linguist's) languages with a list of names, "
                                             "one per line (DeepSeek-Coder-V2's supported languages).")
@@ -447,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("quickstart", help="the whole system on its defaults, on a CPU, into one folder",
                         description="Build a corpus from this Python's standard library (without its tests), "
                                     "train the tokenizer, pre-train the quickstart recipe (a small DeepSeek-V2) with "
-                                    "next-token + FIM, evaluate it (HumanEval pass@1 and parse rate, FIM, held-out "
+                                    "next-token + FIM, its last quarter on the corpus's functions with docstrings "
+                                    "(an anneal), evaluate it (HumanEval pass@1 and parse rate, FIM, held-out "
                                     "perplexity and bits per byte), and write report.md with plots. Rerun to resume.")
     qs.add_argument("--out", default="runs/quickstart", help="output folder (runs/quickstart)")
     qs.add_argument("--minutes", type=float, default=12.0, help="time budget; most goes to pre-training (12)")

@@ -1,9 +1,10 @@
 """``dscoder quickstart``: the whole system on its embedded defaults, on a laptop CPU, into one folder.
 
 Stages (each reruns alone and is skipped when its output is complete):
-  data      the Python standard library → filtered, deduplicated, decontaminated corpus and a BPE tokenizer
+  data      the Python standard library → filtered, deduplicated, decontaminated corpus and a BPE tokenizer; its
+            functions with docstrings, one document each, for the anneal
   pretrain  the `quickstart` recipe (configs/quickstart.toml: a small DeepSeek-V2, MLA + MoE), next-token + FIM,
-            for as many steps as the time budget allows
+            for as many steps as the time budget allows, the last quarter on the functions (an anneal)
   export    an HF checkpoint of the result
   eval      HumanEval (greedy, batched, cut at the stop sequences: pass@1 in the sandbox and the share of
             completions that parse as Python), single-line FIM, perplexity and bits per byte on held-out files
@@ -50,7 +51,9 @@ CALIBRATION_STEPS = 16  # timed after as many warm-up steps (bf16 kernels are bu
 # 32 points. Their mean read the held-out files at lower bits per byte than the last checkpoint in both runs measured
 # (1.695 against 1.699; 1.746 against 1.770), and its parse rate lay within each run's spread (docs/quickstart.md).
 AVERAGE_LAST = 8
-REPLAN_AT = (0.25, 0.5, 0.75)  # fractions of the planned steps at which the steps are re-planned from the time taken
+# fractions of the planned steps at which the steps are re-planned from the time taken: the last before the recipe's
+# anneal (its last quarter), so that the anneal starts where the final plan puts it
+REPLAN_AT = (0.25, 0.5, 0.7)
 REPLAN_MARGIN = 1.02  # for the export, the evaluation's start and the noise of the machine
 EVAL_BATCH = 32  # rows decoded together: the 164 prompts take six batched passes instead of 164 sequential ones
 COMPLETION_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'  # ends as HumanEval's prompts do
@@ -79,16 +82,31 @@ def stage_data(out: Path, mbpp: str | Path | None = None) -> dict[str, Any]:
     from dscoder.data.sources import default_sources
 
     manifest = out / "data" / "manifest.json"
-    if _done(manifest):
+    if _done(manifest) and _done(out / "functions" / "manifest.json"):
         _log("data: done already")
         return json.loads(manifest.read_text())
     root = default_sources()[0]
     source = corpus_source(root, out / "source" / "stdlib.jsonl")
-    config = BuildConfig(sources=[str(source)], out=str(out / "data"), vocab_size=VOCAB,
-                         mbpp=str(mbpp) if mbpp is not None else None, tasks=4)
+    mbpp = str(mbpp) if mbpp is not None else None
+    config = BuildConfig(sources=[str(source)], out=str(out / "data"), vocab_size=VOCAB, mbpp=mbpp, tasks=4)
     _log(f"data: building a corpus from {root} without its test suites and tables (decontaminated against HumanEval"
          f"{' and MBPP' if config.mbpp else ''})")
-    return build(config)
+    result = build(config)
+    functions_build(out / "data", out / "source" / "functions.jsonl", out / "functions", mbpp)
+    return result
+
+
+def functions_build(corpus: Path, source: Path, target: Path, mbpp: str | None = None) -> dict[str, Any]:
+    """The anneal's build (the recipe's ``data.anneal_path``): the corpus's functions with docstrings, one document
+    each (``dscoder.data.functions``), tokenized with the corpus's tokenizer."""
+    from dscoder.data.functions import write_functions
+    from dscoder.data.pipeline import BuildConfig, build
+
+    if not source.is_file():
+        counts = write_functions([corpus], source)
+        _log(f"data: {counts['functions']:,} functions with docstrings ({counts['bytes'] / 1e6:.1f} MB) for the anneal")
+    return build(BuildConfig(sources=[str(source)], out=str(target), tokenizer=str(corpus / "tokenizer"),
+                             dedup=False, mbpp=mbpp, tasks=4))
 
 
 def corpus_source(root: Path, target: Path) -> Path:
@@ -142,8 +160,8 @@ def _steps_for(seconds: float, data_dir: Path) -> int:
 
     calib = data_dir.parent / "_calibrate"
     shutil.rmtree(calib, ignore_errors=True)
-    config = recipe([f"data.path={data_dir}", f"train.steps={2 * CALIBRATION_STEPS}",
-                     f"train.ckpt_every={2 * CALIBRATION_STEPS}"])
+    config = recipe([f"data.path={data_dir}", 'data.anneal_path=""', "data.anneal_fraction=0",  # the corpus only
+                     f"train.steps={2 * CALIBRATION_STEPS}", f"train.ckpt_every={2 * CALIBRATION_STEPS}"])
     pretrain(config, calib)
     rows = [row for _, row in read_jsonl(calib / "metrics.jsonl", "metrics")][CALIBRATION_STEPS:]
     shutil.rmtree(calib, ignore_errors=True)
@@ -154,7 +172,7 @@ def _steps_for(seconds: float, data_dir: Path) -> int:
 
 def stage_pretrain(out: Path, seconds: float) -> dict[str, Any]:
     """Pre-train for the steps that fit ``seconds``: planned by the calibration, then re-planned at a quarter, half
-    and three quarters of the way from the seconds the steps so far took (the run stops there, with a checkpoint,
+    and 70% of the way from the seconds the steps so far took (the run stops there, with a checkpoint,
     and resumes with the new total). A step's time drifts by a tenth over minutes, even on a quiet machine (500-step
     medians of one run went from 0.122 to 0.142 s and back), which the calibration's few steps cannot see: planned
     from them alone, one run trained 749 s of its 684. The cosine schedule follows the new total from the step it
@@ -199,7 +217,7 @@ def _pretrain_config(out: Path, steps: int):
     # warmup 5% of the steps (at least 10): long enough for AdamW's second moments at this batch, short enough to
     # leave the budget to the decay; checkpoints every fiftieth of the run (the export averages the last ones, and an
     # interrupted run loses little)
-    return recipe([f"data.path={out / 'data'}", f"train.steps={steps}",
+    return recipe([f"data.path={out / 'data'}", f"data.anneal_path={out / 'functions'}", f"train.steps={steps}",
                    f"train.warmup_steps={max(10, steps // 20)}", f"train.ckpt_every={max(10, steps // 50)}",
                    f"train.keep_checkpoints={AVERAGE_LAST}"])
 
@@ -379,7 +397,8 @@ def samples(out: Path) -> dict[str, str]:
 
 
 def plot_loss_tokens(metrics: list[dict], tokens_per_step: int, png: Path) -> None:
-    """Training loss against tokens seen (a 50-step moving average over the raw per-step loss)."""
+    """Training loss against tokens seen (a 50-step moving average over the raw per-step loss), the anneal's start
+    marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,6 +411,9 @@ def plot_loss_tokens(metrics: list[dict], tokens_per_step: int, png: Path) -> No
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(x, y, color="#bbbbbb", linewidth=0.6, label="per step")
     ax.plot(x, smooth, color="#4c72b0", label=f"mean of {w} steps")
+    anneal = next((xi for xi, r in zip(x, metrics) if r.get("anneal")), None)
+    if anneal is not None:  # from here the batches are function-level documents, whose loss is another quantity
+        ax.axvline(anneal, color="#c44e52", linestyle="--", linewidth=0.8, label="anneal: functions from here")
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("next-token loss (nats)")
     ax.set_title(f"pre-training: {smooth[-1]:.2f} after {x[-1]:.1f}M tokens")
@@ -421,6 +443,7 @@ def _shown_completions(out: Path) -> list[tuple[str, str, bool]]:
 def stage_report(out: Path, seconds: float) -> Path:
     _need(out / "eval" / "results.json", "eval")
     manifest = json.loads((out / "data" / "manifest.json").read_text())
+    functions = json.loads((out / "functions" / "manifest.json").read_text())
     train = json.loads((out / "pretrain" / "quickstart_steps.json").read_text())
     config = json.loads((out / "pretrain" / "config.json").read_text())
     scores = json.loads((out / "eval" / "results.json").read_text())
@@ -434,6 +457,7 @@ def stage_report(out: Path, seconds: float) -> Path:
     shutil.copy(out / "data" / "data_stats.png", out / "data_stats.png")
     plot_loss_tokens(metrics, batch * seq_len, out / "loss.png")
     tokens_seen = metrics[-1]["step"] * batch * seq_len
+    anneal_step = next((r["step"] for r in metrics if r.get("anneal")), None)
     tok_s = sorted(r["tokens_per_s"] for r in metrics)[len(metrics) // 2]
     langs = ", ".join(f"{k} {v}" for k, v in list(manifest["languages"].items())[:6])
     dropped = ", ".join(f"{k} {v}" for k, v in manifest["dropped"].items())
@@ -464,7 +488,9 @@ Languages: {langs}. Dropped: {dropped}.
 The `{RECIPE}` recipe (`configs/{RECIPE}.toml`): a DeepSeek-V2 model, {shape}, a dense first layer, YaRN;
 next-token prediction with FIM on {config['data']['fim_rate']:.0%} of the documents. {train['steps']} steps of {batch} x {seq_len} tokens
 ({tokens_seen / 1e6:.1f}M tokens seen, {tok_s:,.0f} tokens/s at the median step). Loss {first:.2f} (first 10 steps)
-→ {last:.2f} (last 50 steps).
+→ {last:.2f} (last 50 steps). From step {anneal_step} (the last {config['data']['anneal_fraction']:.0%}) the batches were the corpus's
+{functions['documents_kept']:,} functions with a docstring, each a document of its own ({functions['tokens']:,} tokens): an
+anneal on the form of the task, while the learning rate decays on; their loss is not comparable with the corpus's.
 
 ![loss against tokens seen](loss.png)
 
@@ -510,7 +536,7 @@ Infill (the model wrote what is between the prefix `{INFILL[0].splitlines()[-1].
     return path
 
 
-_OUTPUTS = {"data": ["data", "source"], "pretrain": ["pretrain"], "export": ["model"], "eval": ["eval"],
+_OUTPUTS = {"data": ["data", "functions", "source"], "pretrain": ["pretrain"], "export": ["model"], "eval": ["eval"],
             "report": ["report.md", "loss.png", "data_stats.png"]}
 
 

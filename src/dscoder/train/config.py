@@ -4,7 +4,7 @@ A recipe has four tables and an optional list of stages::
 
     [model]     preset = "tiny" | init = "HF_DIR" (continued pre-training); other keys override ModelConfig fields
     [data]      path = "BUILD_DIR" (or sources = [{path=..., weight=...}, ...]), seq_len, fim_rate, spm_rate, shard,
-                shuffle_rows
+                shuffle_rows, anneal_path and anneal_fraction (the last steps read another build)
     [train]     steps, micro_batch, grad_accum, lr, min_lr_ratio, warmup_steps, weight_decay, betas, grad_clip, ...
     [parallel]  strategy = "none" | "ddp" | "fsdp", ep (expert-parallel degree)
     [[stages]]  long-context extension: steps, seq_len, micro_batch, rope_factor, lr (each stage its own schedule)
@@ -53,6 +53,10 @@ class DataSection:
     # 0: rows in stream order; R: rows served in a random order within blocks of R rows (a batch then holds windows
     # of many documents instead of consecutive windows of one; see dscoder.data.loader)
     shuffle_rows: int = 0
+    # an anneal: the last anneal_fraction of the steps read the build anneal_path instead (same tokenizer; the learning
+    # rate schedule goes on), e.g. function-level documents (dscoder data functions) to end on the form of the task
+    anneal_path: str | None = None
+    anneal_fraction: float = 0.0
 
 
 @dataclass
@@ -150,6 +154,10 @@ class TrainConfig:
             need(isinstance(s, dict) and set(s) <= {"path", "weight", "name", "min_tokens"} and "path" in s,
                  f"data.sources[{i}]", "expected {path = ..., weight = ..., name = ..., min_tokens = ...}")
             need(isinstance(s.get("name", ""), str), f"data.sources[{i}].name", "expected a string")
+        need(isinstance(d.anneal_fraction, (int, float)) and not isinstance(d.anneal_fraction, bool)
+             and 0.0 <= d.anneal_fraction < 1.0, "data.anneal_fraction", "expected a number in [0, 1)")
+        need(bool(d.anneal_path) == (d.anneal_fraction > 0), "data.anneal_fraction",
+             "give data.anneal_path and a data.anneal_fraction > 0 together (or neither)")
         need(self.parallel.strategy in ("none", "ddp", "fsdp"), "parallel.strategy", "expected none, ddp or fsdp")
         ep = self.parallel.ep
         need(isinstance(ep, int) and ep >= 1, "parallel.ep", "expected a positive integer")
@@ -166,6 +174,15 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages) if self.stages else self.train.steps
+
+    @property
+    def anneal_start(self) -> int | None:
+        """The step after which batches come from ``data.anneal_path`` (None without an anneal): the last
+        ``anneal_fraction`` of the steps, at least one."""
+        if not self.data.anneal_path:
+            return None
+        total = self.total_steps
+        return total - max(1, round(self.data.anneal_fraction * total))
 
     def stage_plan(self) -> list[Stage]:
         """The stages the run goes through (one implicit stage without ``[[stages]]``)."""

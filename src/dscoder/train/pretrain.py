@@ -107,21 +107,24 @@ def parallelize(model: torch.nn.Module, config: TrainConfig, d: Dist) -> torch.n
 
 
 # ----- data ------------------------------------------------------------------------------------------------------
-def data_sources(config: TrainConfig) -> list[tuple[str, float, int]]:
+def data_sources(config: TrainConfig, anneal: bool = False) -> list[tuple[str, float, int]]:
+    """The builds a loader reads, as ``(path, weight, min_tokens)``: the run's, or with ``anneal`` its anneal's
+    (``data.anneal_path``). Every build must have been made with the same tokenizer (the anneal's is checked too)."""
     if config.data.path:
         sources = [(config.data.path, 1.0, 0)]
     else:
         sources = [(s["path"], float(s.get("weight", 1.0)), int(s.get("min_tokens", 0))) for s in config.data.sources]
-    for path, *_ in sources:
+    checked = sources + ([(config.data.anneal_path, 1.0, 0)] if config.data.anneal_path else [])
+    for path, *_ in checked:
         p = Path(path)
         if not (p / "tokens").is_dir() or not (p / "tokenizer").is_dir():
             raise DscoderError(f"{path}: not a `dscoder data build` output (needs tokens/ and tokenizer/)")
-    vocab = [_tokenizer_file(Path(path)) for path, *_ in sources]
-    for (path, *_), v in zip(sources[1:], vocab[1:]):
+    vocab = [_tokenizer_file(Path(path)) for path, *_ in checked]
+    for (path, *_), v in zip(checked[1:], vocab[1:]):
         if v != vocab[0]:  # the ids of one build would mean other strings to the model
-            raise DscoderError(f"{path}: made with another tokenizer than {sources[0][0]}; build every source of a "
-                               "mixture with the same one (dscoder data build --tokenizer DIR)")
-    return sources
+            raise DscoderError(f"{path}: made with another tokenizer than {checked[0][0]}; build every source of a "
+                               "mixture and the anneal with the same one (dscoder data build --tokenizer DIR)")
+    return checked[-1:] if anneal else sources
 
 
 def _tokenizer_file(build: Path) -> bytes | None:
@@ -131,21 +134,23 @@ def _tokenizer_file(build: Path) -> bytes | None:
         return None
 
 
-def source_names(config: TrainConfig) -> list[str]:
+def source_names(config: TrainConfig, anneal: bool = False) -> list[str]:
     """The names a run logs each data source's token share under: ``name``, else the build folder's name (made
     unique by its position when two sources share one)."""
+    if anneal:
+        return [Path(config.data.anneal_path).name or "anneal"]
     if config.data.path:
         return [Path(config.data.path).name or "data"]
     names = [s.get("name") or Path(s["path"]).name or f"source{i}" for i, s in enumerate(config.data.sources)]
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def make_loader(config: TrainConfig, stage: Stage, tokenizer, d: Dist):
+def make_loader(config: TrainConfig, stage: Stage, tokenizer, d: Dist, anneal: bool = False):
     from dscoder.data.loader import PackedLoader
 
     micro = stage.micro_batch or config.train.micro_batch
     rows = config.data.shard == "rows"
-    return PackedLoader(data_sources(config), tokenizer, seq_len=stage.seq_len,
+    return PackedLoader(data_sources(config, anneal), tokenizer, seq_len=stage.seq_len,
                         batch_size=micro * d.world if rows else micro, rank=0 if rows else d.rank,
                         world_size=1 if rows else d.world, seed=config.train.seed, fim_rate=config.data.fim_rate,
                         spm_rate=config.data.spm_rate, shuffle_rows=config.data.shuffle_rows)
@@ -253,10 +258,18 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
     stage_idx, stage_start = _stage_at(plan, start)
     stage = plan[stage_idx]
     _apply_stage_rope(model, stage, mcfg)
-    loader = make_loader(config, stage, tokenizer, d)
+    anneal_at = config.anneal_start
+    annealing = anneal_at is not None and start >= anneal_at
+    loader = make_loader(config, stage, tokenizer, d, anneal=annealing)
     if loader_state is not None:
-        loader.load_state_dict(loader_state)
-    names = source_names(config)
+        saved_annealing = bool(extra.get("anneal", False))
+        if saved_annealing and not annealing:
+            raise DscoderError(f"step {start}: the checkpoint was saved during the anneal, which this recipe starts "
+                               f"at step {anneal_at}; resume with the steps and data.anneal_fraction it was saved "
+                               "under")
+        if saved_annealing == annealing:  # (saved before the anneal, resumed in it: the anneal starts here)
+            loader.load_state_dict(loader_state)
+    names = source_names(config, annealing)
     peak, peak_name = _peak_flops(d.device, t.dtype)
     flops_per_token = unwrap(model).flops_per_token(stage.seq_len)
     last: dict[str, Any] = {}
@@ -268,9 +281,13 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
                 stage_idx, stage_start, stage = idx, first, plan[idx]
                 _apply_stage_rope(model, stage, mcfg)
                 position = loader.stream_state()  # the data stream continues; only row length and batch change
-                loader = make_loader(config, stage, tokenizer, d)
+                loader = make_loader(config, stage, tokenizer, d, anneal=annealing)
                 loader.load_state_dict(position)
                 flops_per_token = unwrap(model).flops_per_token(stage.seq_len)
+            if anneal_at is not None and not annealing and step >= anneal_at:  # the anneal's build from here on
+                annealing = True
+                loader = make_loader(config, stage, tokenizer, d, anneal=True)
+                names = source_names(config, anneal=True)
             t0 = time.perf_counter()
             lm_sum, aux_sum, tokens = 0.0, 0.0, 0
             for micro in range(t.grad_accum):
@@ -302,9 +319,11 @@ def pretrain(config: TrainConfig, out: str | Path, resume: bool = False, max_ste
                     "expert_load_max": _expert_load(output.expert_counts)}
             if len(names) > 1:  # the mixture as received: each source's share of the label tokens so far (this rank's)
                 last["data_shares"] = {n: round(v, 6) for n, v in zip(names, loader.token_shares())}
+            if anneal_at is not None:
+                last["anneal"] = annealing
             bar.update(loss=lm_loss, tok_s=round(tok_s))
-            run.end_step(step, stop, t, last, model, optimizer, extra={"loader": loader.state_dict()},
-                         meta={"peak_flops": peak_name})
+            run.end_step(step, stop, t, last, model, optimizer,
+                         extra={"loader": loader.state_dict(), "anneal": annealing}, meta={"peak_flops": peak_name})
     if d.main and run.metrics.exists():
         plot_loss(run.metrics, out / "loss.png")
     return last
