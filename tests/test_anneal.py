@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_anneal_reads_its_build_for_the_last_steps_and_resumes_exactly(stdlib_bu
         pretrain(later, tmp_path / "late", resume=True)
 
 
-def test_anneal_settings_are_checked(stdlib_build, tmp_path):
+def test_anneal_settings_are_checked(stdlib_build, anneal_build, tmp_path):
     with pytest.raises(ConfigError, match="data.anneal_fraction"):
         _config(stdlib_build, f"data.anneal_path={stdlib_build}")
     with pytest.raises(ConfigError, match="data.anneal_fraction"):
@@ -155,3 +156,9 @@ def test_anneal_settings_are_checked(stdlib_build, tmp_path):
         _config(stdlib_build, f"data.anneal_path={stdlib_build}", "data.anneal_fraction=1.0")
     with pytest.raises(DscoderError, match="not a `dscoder data build` output"):
         pretrain(_config(stdlib_build, f"data.anneal_path={tmp_path}", "data.anneal_fraction=0.5"), tmp_path / "r")
+    other = tmp_path / "other"  # the anneal's build with another tokenizer: its ids would mean other strings
+    shutil.copytree(anneal_build, other)
+    (other / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(DscoderError, match="made with another tokenizer"):
+        pretrain(_config(stdlib_build, f"data.anneal_path={other}", "data.anneal_fraction=0.5"), tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()
