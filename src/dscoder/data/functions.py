@@ -66,7 +66,7 @@ def _records(source: Path) -> Iterator[dict[str, Any]]:
 
 def write_functions(sources: list[str | Path], out: str | Path, max_lines: int = MAX_LINES) -> dict[str, int]:
     """Write the function-level documents of ``sources`` (data build folders, whose Python documents are read, or
-    jsonl files of ``{"text", "path"}`` records, whose ``.py`` paths are read) to the jsonl file ``out``, one
+    jsonl files of ``{"text", "path"}`` records, those with a ``.py`` path or none read) to the jsonl file ``out``, one
     ``{"text", "path"}`` per function: ``path`` is the file's path without ``.py``, then ``/NAME_LINE.py``, so a build
     identifies it as Python. Returns counts: files read, functions written, their bytes."""
     if not sources:
